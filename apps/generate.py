@@ -1,0 +1,87 @@
+"""`edgeprefill generate`: one prompt in, a streamed answer and its TTFT out."""
+
+import json
+import sys
+
+from edgeprefill.errors import EdgeprefillError
+
+
+def add_model_args(p):
+    """--model / --dtype, shared by every command that loads a model."""
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M-Instruct), an HF folder, a .gguf file or a hub id")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="activation/weight dtype (auto: float32 on CPU, as stored on GPU)")
+
+
+def add_parser(sub):
+    p = sub.add_parser("generate", help="generate an answer to one prompt")
+    add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt text, or '-' to read stdin")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--strategy", default="full", help="prefill strategy (default: full)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-chat-template", action="store_true", help="encode the raw prompt")
+    p.add_argument("--json", action="store_true", help="print one JSON object (text and stats)")
+    p.set_defaults(run=run)
+
+
+def read_prompt(value):
+    """The --prompt value, or stdin for '-'."""
+    if value == "-":
+        if sys.stdin is None or sys.stdin.isatty():
+            raise EdgeprefillError("--prompt - reads stdin, but nothing is piped: pipe the prompt in")
+        return sys.stdin.read()
+    return value
+
+
+def validate_sampling(args):
+    if args.max_tokens < 1:
+        raise EdgeprefillError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
+    if args.temp < 0:
+        raise EdgeprefillError(f"--temp must be >= 0 (got {args.temp})")
+    if not 0 < args.top_p <= 1:
+        raise EdgeprefillError(f"--top-p must be in (0, 1] (got {args.top_p})")
+
+
+def stats_line(stats):
+    """One human line: TTFT, prefill and decode speed."""
+    return (f"strategy {stats['strategy']} | prompt {stats['prompt_tokens']} tok | "
+            f"TTFT {stats['ttft_s'] * 1000:.0f} ms | prefill {stats['prefill_tok_s']:.1f} tok/s | "
+            f"decode {stats['generated_tokens']} tok, {stats['decode_tok_s']:.1f} tok/s")
+
+
+def run(args):
+    from rich.console import Console
+
+    from edgeprefill.generate import build_prompt, stream_generate
+    from edgeprefill.loading import load
+    from edgeprefill.prefill import make_strategy
+
+    validate_sampling(args)
+    prompt = read_prompt(args.prompt)
+    if not prompt.strip():
+        raise EdgeprefillError("the prompt is empty: pass text with --prompt, or '-' and pipe it")
+    err = Console(stderr=True, soft_wrap=True)
+    lm = load(args.model, dtype=args.dtype)
+    ids = build_prompt(lm.tokenizer, prompt, system=args.system,
+                       chat_template=not args.no_chat_template)
+    strategy = make_strategy(args.strategy, lm.model)
+    result = None
+    for event in stream_generate(lm.model, lm.tokenizer, ids, strategy,
+                                 max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
+                                 seed=args.seed):
+        if not args.json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        result = event.result or result
+    stats = result.stats()
+    if args.json:
+        print(json.dumps({"model": lm.model_id, "text": result.text, "stats": stats}))
+    else:
+        sys.stdout.write("\n")
+        err.print(f"[dim]{stats_line(stats)}[/dim]", highlight=False)
+    return 0

@@ -1,0 +1,1 @@
+"""Model converters: GGUF -> HF folder (and, later, torch mirror -> Core ML)."""

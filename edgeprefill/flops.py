@@ -1,0 +1,44 @@
+"""Analytic FLOPs of a prefill (multiply-add = 2 FLOPs), per strategy.
+
+Counts the matmuls of the projections, the MLP, causal attention (QK^T and PV over the keys
+each query may see) and the LM head for the one position whose logits are needed. Norms, RoPE
+and softmax are left out (O(N*D), small beside the rest).
+"""
+
+
+def layer_matmul_flops(config):
+    """FLOPs of one block's projections and MLP for one token."""
+    d = config["hidden_size"]
+    h = config["num_attention_heads"]
+    hkv = config.get("num_key_value_heads") or h
+    hd = config.get("head_dim") or d // h
+    attn_proj = d * h * hd + 2 * d * hkv * hd + h * hd * d
+    mlp = 3 * d * config["intermediate_size"]
+    return 2 * (attn_proj + mlp)
+
+
+def attention_flops(config, n_queries, n_past=0):
+    """FLOPs of QK^T and PV for `n_queries` new tokens after `n_past` cached ones, causal."""
+    h = config["num_attention_heads"]
+    hd = config.get("head_dim") or config["hidden_size"] // h
+    # Query j (0-based) sees n_past + j + 1 keys.
+    keys_seen = n_queries * n_past + n_queries * (n_queries + 1) // 2
+    return 2 * 2 * h * hd * keys_seen
+
+
+def prefill_flops(config, n_tokens, n_past=0, layers=None):
+    """FLOPs of an exact prefill of `n_tokens` new tokens through `layers` blocks (default:
+    all) plus the LM head on the last token."""
+    layers = config["num_hidden_layers"] if layers is None else layers
+    per_layer = n_tokens * layer_matmul_flops(config) + attention_flops(config, n_tokens, n_past)
+    head = 2 * config["hidden_size"] * config["vocab_size"]
+    return layers * per_layer + head
+
+
+STRATEGY_FLOPS = {"full": prefill_flops, "mlx-lm": prefill_flops}
+
+
+def strategy_flops(strategy, config, n_tokens, **options):
+    """TTFT FLOPs of `strategy` on an `n_tokens` prompt, or None if it has no analytic count."""
+    fn = STRATEGY_FLOPS.get(strategy)
+    return fn(config, n_tokens, **options) if fn else None

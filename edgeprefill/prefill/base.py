@@ -1,0 +1,28 @@
+"""What every prefill strategy returns beside the cache and logits."""
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class PrefillStats:
+    """Timing and token counts of one prefill.
+
+    ttft_s: seconds from the call until the first token's logits were computed.
+    prompt_tokens: tokens this call added to the cache.
+    context_tokens: tokens in the cache afterwards (earlier turns included).
+    """
+
+    strategy: str
+    prompt_tokens: int
+    context_tokens: int
+    ttft_s: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def prefill_tok_s(self):
+        return self.prompt_tokens / self.ttft_s if self.ttft_s > 0 else float("inf")
+
+    def as_dict(self):
+        d = asdict(self)
+        d["prefill_tok_s"] = self.prefill_tok_s
+        return d
