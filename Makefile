@@ -7,7 +7,7 @@ CORE := $(VENV)/.core-installed
 FULL := $(VENV)/.full-installed
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup demo test bench bench-blas fast-blas clean
+.PHONY: setup demo test bench bench-blas fast-blas clean kvp-default
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -55,3 +55,8 @@ bench-blas: $(CORE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# The default pair's KV Prediction artifacts (LP-0.50 used by --strategy kvp; LP-0.25).
+kvp-default: $(CORE)
+	$(BIN)/edgeprefill kvp fit --model default --aux LP-0.50
+	$(BIN)/edgeprefill kvp fit --model default --aux LP-0.25

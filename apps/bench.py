@@ -27,6 +27,9 @@ def add_parser(sub):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--prompts", type=int, default=1, help="distinct prompts per length")
     p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk (full)")
+    p.add_argument("--kvp", default=None, metavar="FOLDER",
+                   help="KV Prediction artifact for the kvp strategy (default: the model's "
+                   "LP-0.50 artifact)")
     p.add_argument("--backend", default="mlx", choices=["mlx", "mirror"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="mirror backend device")
@@ -60,12 +63,31 @@ def kl_divergence(p_logits, q_logits):
 class MlxRunner:
     """Runs strategies on the MLX backend: (prompt ids) -> (ttft seconds, first logits)."""
 
-    def __init__(self, lm, chunk_size):
+    def __init__(self, lm, chunk_size, kvp_artifact=None):
         self.lm = lm
         self.chunk_size = chunk_size
+        self.strategies = {}
+        self.kvp_artifact = kvp_artifact
 
     def available(self):
-        return ("full", "mlx-lm")
+        return ("full", "mlx-lm", "kvp")
+
+    def strategy(self, name):
+        """The prefill strategy object, built once (kvp loads its artifact here)."""
+        from edgeprefill.prefill import make_strategy
+
+        if name not in self.strategies:
+            opts = {"chunk_size": self.chunk_size} if self.chunk_size else {}
+            if name == "kvp":
+                opts["artifact"] = self.kvp_artifact
+            self.strategies[name] = make_strategy(name, self.lm.model, **opts)
+        return self.strategies[name]
+
+    def flops_options(self, name):
+        if name == "kvp":
+            aux = self.strategy("kvp").aux
+            return {"aux_layers": aux.n_layers, "aux_kv_dim": aux.kv_dim}
+        return {}
 
     def peak_reset(self):
         import mlx.core as mx
@@ -90,10 +112,7 @@ class MlxRunner:
             mx.eval(logprobs)
             ttft = time.perf_counter() - start
             return ttft, np.array(logprobs.astype(mx.float32))
-        from edgeprefill.prefill import make_strategy
-
-        opts = {"chunk_size": self.chunk_size} if self.chunk_size else {}
-        _, logits, stats = make_strategy(strategy, self.lm.model, **opts).prefill(ids)
+        _, logits, stats = self.strategy(strategy).prefill(ids)
         return stats.ttft_s, np.array(logits)
 
 
@@ -116,6 +135,9 @@ class MirrorRunner:
         from edgeprefill.mirror.prefill import STRATEGIES
 
         return tuple(STRATEGIES)
+
+    def flops_options(self, name):
+        return {}
 
     def peak_reset(self):
         import torch
@@ -168,7 +190,7 @@ def bench_records(runner, lm, strategies, lengths, trials, warmup, n_prompts, pr
             records.append({
                 "strategy": s, "prompt_tokens": n, "ttft_s": med, "ttft_min_s": min(times),
                 "ttft_max_s": max(times), "trials": len(times), "prefill_tok_s": n / med,
-                "ttft_flops": strategy_flops(s, lm.config, n), "peak_mem_bytes": runner.peak(),
+                "ttft_flops": strategy_flops(s, lm.config, n, **runner.flops_options(s)), "peak_mem_bytes": runner.peak(),
                 "first_token_agreement": float(np.mean(agree)),
                 "first_token_kl": float(np.mean(kls)),
             })
@@ -199,7 +221,10 @@ def run(args):
     if min(lengths) < 2:
         raise EdgeprefillError("--prompt-tokens must be at least 2")
     lm = load(args.model, dtype=args.dtype)
-    runner = (MlxRunner(lm, args.chunk_size) if args.backend == "mlx"
+    from apps.kvp import default_artifact_path
+
+    kvp = args.kvp or default_artifact_path(lm.model_id)
+    runner = (MlxRunner(lm, args.chunk_size, kvp) if args.backend == "mlx"
               else MirrorRunner(lm, args.chunk_size, args.device))
     unknown = [s for s in strategies if s not in runner.available()]
     if unknown:
@@ -211,7 +236,8 @@ def run(args):
                   device=args.device if args.backend == "mirror" else header["mlx_device"],
                   model=lm.model_id, model_path=str(lm.path), dtype=args.dtype,
                   matmul_gflops_fp32=round(matmul_gflops(), 1), trials=args.trials,
-                  warmup=args.warmup, prompts_per_length=args.prompts, artifacts={})
+                  warmup=args.warmup, prompts_per_length=args.prompts,
+                  artifacts={"kvp": str(kvp)} if "kvp" in strategies else {})
     console = Console(stderr=True)
     total = len(lengths) * len(strategies) * args.prompts * (args.trials + args.warmup)
     with Progress(console=console, transient=True) as bar:
@@ -230,7 +256,7 @@ def run(args):
                       f"{r['ttft_flops'] / 1e9:.1f}" if r["ttft_flops"] else "-",
                       f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] else "-",
                       f"{r['first_token_agreement']:.2f}", f"{r['first_token_kl']:.4f}")
-    Console().print(table)
+    Console(width=max(Console().width, 110)).print(table)
     if args.json:
         write_json(args.json, {"header": header, "records": records})
         print(f"wrote {args.json}", file=sys.stderr)

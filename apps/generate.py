@@ -20,6 +20,9 @@ def add_parser(sub):
     p.add_argument("--prompt", required=True, help="the prompt text, or '-' to read stdin")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--strategy", default="full", help="prefill strategy (default: full)")
+    p.add_argument("--kvp", default=None, metavar="FOLDER",
+                   help="KV Prediction artifact for --strategy kvp (default: the model's "
+                   "LP-0.50 artifact from `edgeprefill kvp fit`)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -47,6 +50,15 @@ def validate_sampling(args):
         raise EdgeprefillError(f"--top-p must be in (0, 1] (got {args.top_p})")
 
 
+def strategy_options(args, lm):
+    """Options for make_strategy from the command line (kvp: its artifact folder)."""
+    if args.strategy != "kvp":
+        return {}
+    from apps.kvp import default_artifact_path
+
+    return {"artifact": args.kvp or default_artifact_path(lm.model_id)}
+
+
 def stats_line(stats):
     """One human line: TTFT, prefill and decode speed."""
     return (f"strategy {stats['strategy']} | prompt {stats['prompt_tokens']} tok | "
@@ -69,7 +81,7 @@ def run(args):
     lm = load(args.model, dtype=args.dtype)
     ids = build_prompt(lm.tokenizer, prompt, system=args.system,
                        chat_template=not args.no_chat_template)
-    strategy = make_strategy(args.strategy, lm.model)
+    strategy = make_strategy(args.strategy, lm.model, **strategy_options(args, lm))
     result = None
     for event in stream_generate(lm.model, lm.tokenizer, ids, strategy,
                                  max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,

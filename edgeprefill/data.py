@@ -12,6 +12,22 @@ from pathlib import Path
 BENCH_MODULES = ("argparse.py", "textwrap.py", "difflib.py", "fractions.py", "statistics.py",
                  "calendar.py", "pprint.py", "shlex.py")
 
+# Modules whose source is KV Prediction fitting text: disjoint from BENCH_MODULES, so
+# benchmark and evaluation prompts are never text a predictor was fitted on.
+FIT_MODULES = ("ast.py", "base64.py", "bisect.py", "codecs.py", "configparser.py", "csv.py",
+               "dataclasses.py", "datetime.py", "enum.py", "functools.py", "gettext.py",
+               "heapq.py", "inspect.py", "ipaddress.py", "locale.py", "logging/__init__.py",
+               "mailbox.py", "os.py", "pathlib.py", "pickle.py", "queue.py", "random.py",
+               "re/_parser.py", "shutil.py", "smtplib.py", "string.py", "tarfile.py",
+               "threading.py", "typing.py", "uuid.py", "zipfile/__init__.py")
+
+
+def fit_chunks(tokenizer, n_tokens, chunk, modules=FIT_MODULES):
+    """Consecutive `chunk`-token windows of fitting text, `n_tokens` in all (fewer if the
+    text runs out)."""
+    ids = list(tokenizer.encode(stdlib_text(modules)))[:n_tokens]
+    return [ids[s:s + chunk] for s in range(0, len(ids) - chunk + 1, chunk)]
+
 
 def stdlib_text(modules):
     """Concatenated source of the named standard-library modules that exist here."""

@@ -35,7 +35,23 @@ def prefill_flops(config, n_tokens, n_past=0, layers=None):
     return layers * per_layer + head
 
 
-STRATEGY_FLOPS = {"full": prefill_flops, "mlx-lm": prefill_flops}
+def kvp_flops(config, n_tokens, aux_layers, aux_kv_dim=None, n_past=0):
+    """KV Prediction TTFT FLOPs: a layer-pruned aux over N-1 tokens (no LM head), the
+    predictor (a K and a V Linear per base layer on each of those tokens), and one base step
+    on the last token attending to all N positions."""
+    d = config["hidden_size"]
+    h = config["num_attention_heads"]
+    hkv = config.get("num_key_value_heads") or h
+    hd = config.get("head_dim") or d // h
+    aux_kv_dim = aux_kv_dim or hkv * hd
+    m = n_tokens - 1
+    aux = aux_layers * (m * layer_matmul_flops(config) + attention_flops(config, m, n_past))
+    predictor = config["num_hidden_layers"] * m * 2 * 2 * aux_kv_dim * hkv * hd
+    base_step = prefill_flops(config, 1, n_past=n_past + m)
+    return aux + predictor + base_step
+
+
+STRATEGY_FLOPS = {"full": prefill_flops, "mlx-lm": prefill_flops, "kvp": kvp_flops}
 
 
 def strategy_flops(strategy, config, n_tokens, **options):

@@ -12,6 +12,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
 from edgeprefill.errors import EdgeprefillError
+from edgeprefill.prefill.base import PromptCache
 
 
 def build_prompt(tokenizer, prompt, system=None, history=None, chat_template=True):
@@ -108,6 +109,8 @@ def decode_tokens(model, cache, logits, sampler, max_tokens, max_context):
         token = y.item()
         if n + 1 < max_tokens and cache[0].offset + 1 < max_context:
             y = sample(model(y.reshape(1, 1), cache)[0, -1])
+            if isinstance(cache, PromptCache):
+                cache.tokens.append(token)
             mx.async_eval(y)
         yield token
         if cache[0].offset + 1 >= max_context:

@@ -26,3 +26,17 @@ class PrefillStats:
         d = asdict(self)
         d["prefill_tok_s"] = self.prefill_tok_s
         return d
+
+
+class PromptCache(list):
+    """Per-layer base KV caches (the list's items) and what strategies keep beside them.
+
+    tokens: token ids the base cache holds, in order (a strategy with its own model, like
+        kvp's aux, catches up on the ones it has not seen at the next turn).
+    aux: the aux model's per-layer caches (kvp), else None.
+    """
+
+    def __init__(self, layers):
+        super().__init__(layers)
+        self.tokens = []
+        self.aux = None

@@ -4,7 +4,7 @@ import time
 
 import mlx.core as mx
 
-from edgeprefill.prefill.base import PrefillStats
+from edgeprefill.prefill.base import PrefillStats, PromptCache
 
 
 def as_token_array(prompt_ids):
@@ -38,7 +38,7 @@ class FullPrefill:
         if n == 0:
             raise ValueError("prefill needs at least one token")
         m = self.model
-        cache = cache if cache is not None else m.make_cache()
+        cache = cache if cache is not None else PromptCache(m.make_cache())
         done = 0
         while done < n:
             chunk = ids[done:done + self.chunk_size][None]
@@ -52,6 +52,8 @@ class FullPrefill:
                     progress(done, n)
         logits = m.head(h[:, -1:])[0, -1].astype(mx.float32)
         mx.eval(logits, [c.keys_and_values() for c in cache])
+        if isinstance(cache, PromptCache):
+            cache.tokens.extend(ids.tolist())
         if progress:
             progress(n, n)
         stats = PrefillStats(self.name, n, cache[0].offset, time.perf_counter() - start,

@@ -1,0 +1,147 @@
+"""KV Prediction: the identity test on every path, positions across turns, layer maps."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from edgeprefill.generate import generate
+from edgeprefill.kvp.aux import AuxModel, layer_pruned_aux
+from edgeprefill.kvp.layer_map import compact_layer_map, lp_kept_layers, lp_layer_map
+from edgeprefill.kvp.predictor import KVPredictor
+from edgeprefill.loading import load
+from edgeprefill.prefill import FullPrefill
+from edgeprefill.prefill.kv_prediction import KVPrediction
+
+FAMILIES = ("llama", "qwen2", "qwen3")
+
+
+def identity_kvp(model, chunk_size=512):
+    """Aux = the base's own blocks, identity layer map, identity predictor."""
+    aux = AuxModel(model, range(model.n_layers), "identity")
+    pred = KVPredictor.identity(list(range(model.n_layers)), model.n_kv_heads, model.head_dim)
+    return KVPrediction(model, aux, pred, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_predictor_reproduces_base_logits_on_prefill_and_decode(tiny_models, family):
+    lm = load(str(tiny_models[family]))
+    ids = lm.tokenizer.encode("the quick brown fox jumps over the lazy dog")
+    fcache, flogits, _ = FullPrefill(lm.model).prefill(ids)
+    kcache, klogits, stats = identity_kvp(lm.model, chunk_size=4).prefill(ids)
+    np.testing.assert_allclose(np.array(klogits), np.array(flogits), atol=1e-4, rtol=1e-4)
+    assert stats.extra["aux_tokens"] == len(ids) - 1  # aux over prompt[:-1] only
+    assert kcache[0].offset == fcache[0].offset == len(ids)  # no token fed twice
+    for i in (0, lm.model.n_layers - 1):
+        for a, b in zip(kcache[i].keys_and_values(), fcache[i].keys_and_values()):
+            np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4, rtol=1e-4)
+    for token in (7, 42):
+        a = lm.model(mx.array([[token]]), kcache)
+        b = lm.model(mx.array([[token]]), fcache)
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_second_turn_predicts_at_the_right_positions(tiny_models, family):
+    """Turn 2 runs the aux over the tokens it missed (last prompt token, replies) first, and
+    places predicted keys at non-zero offsets: identity kvp must still equal full."""
+    lm = load(str(tiny_models[family]))
+    tok = lm.tokenizer
+    turn1, turn2 = tok.encode("the quick brown fox"), tok.encode(" jumps over the lazy dog")
+    results = {}
+    for name, strategy in (("full", FullPrefill(lm.model)), ("kvp", identity_kvp(lm.model))):
+        r1 = generate(lm.model, tok, turn1, strategy, max_tokens=5)
+        r2 = generate(lm.model, tok, turn2, strategy, cache=r1.cache, max_tokens=5)
+        results[name] = (r1, r2)
+    (f1, f2), (k1, k2) = results["full"], results["kvp"]
+    assert k1.tokens == f1.tokens and k2.tokens == f2.tokens
+    assert k2.cache.aux[0].offset == k2.cache[0].offset - len(k2.tokens)
+    assert k2.prefill.extra["aux_tokens"] == len(k1.tokens) + len(turn2) - 1
+
+
+def test_single_token_prompt_runs_only_the_base_step(tiny_models):
+    lm = load(str(tiny_models["llama"]))
+    _, flogits, _ = FullPrefill(lm.model).prefill([17])
+    _, klogits, stats = identity_kvp(lm.model).prefill([17])
+    assert stats.extra["aux_tokens"] == 0
+    np.testing.assert_allclose(np.array(klogits), np.array(flogits), atol=1e-5)
+
+
+def test_layer_pruned_aux_predicts_differently_from_the_base(tiny_models):
+    lm = load(str(tiny_models["llama"]))
+    aux = layer_pruned_aux(lm.model, 0.5)
+    assert aux.layers == [0, 2]
+    pred = KVPredictor.identity(lp_layer_map(4, aux.layers), lm.model.n_kv_heads,
+                                lm.model.head_dim)
+    ids = lm.tokenizer.encode("the quick brown fox jumps")
+    _, flogits, _ = FullPrefill(lm.model).prefill(ids)
+    _, klogits, _ = KVPrediction(lm.model, aux, pred).prefill(ids)
+    assert np.abs(np.array(klogits) - np.array(flogits)).max() > 1e-3
+
+
+def test_paper_layer_lists_and_maps():
+    assert lp_kept_layers(8, 0.75) == [0, 1, 2, 4, 5, 6]
+    assert lp_kept_layers(30, 0.5) == list(range(0, 30, 2))
+    assert lp_kept_layers(30, 0.25) == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert lp_layer_map(30, lp_kept_layers(30, 0.5)) == [i // 2 for i in range(30)]
+    assert lp_layer_map(30, lp_kept_layers(30, 0.25)) == [i // 4 for i in range(30)]
+    assert lp_layer_map(8, lp_kept_layers(8, 0.75)) == [0, 1, 2, 2, 3, 4, 5, 5]
+    expected = [i // 2 for i in range(24)] + [12, 13, 14, 15]
+    assert compact_layer_map(28, 16) == expected
+
+
+def test_ridge_fit_recovers_identity_and_artifact_round_trips(tiny_models, tmp_path):
+    from edgeprefill.errors import EdgeprefillError
+    from edgeprefill.kvp.artifact import load_artifact, save_artifact
+    from edgeprefill.kvp.fit import fit_ridge
+
+    lm = load(str(tiny_models["llama"]))
+    m = lm.model
+    aux = AuxModel(m, range(m.n_layers), "identity")
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(3, m.vocab_size, size=48).tolist() for _ in range(8)]
+    pred, tokens = fit_ridge(m, aux, list(range(m.n_layers)), chunks, lam=1e-6)
+    assert tokens == 8 * 48
+    ids = lm.tokenizer.encode("the quick brown fox jumps over")
+    _, flogits, _ = FullPrefill(m).prefill(ids)
+    _, klogits, _ = KVPrediction(m, aux, pred).prefill(ids)
+    np.testing.assert_allclose(np.array(klogits), np.array(flogits), atol=1e-2, rtol=1e-2)
+
+    art = save_artifact(tmp_path / "art", pred, aux, m, "tiny-llama",
+                        {"method": "ridge", "tokens": tokens})
+    aux2, pred2, card = load_artifact(art, m)
+    assert card["fit"]["tokens"] == tokens and aux2.layers == aux.layers
+    _, klogits2, _ = KVPrediction(m, aux2, pred2).prefill(ids)
+    np.testing.assert_allclose(np.array(klogits2), np.array(klogits), atol=1e-6)
+
+    other = load(str(tiny_models["qwen3"])).model
+    with pytest.raises(EdgeprefillError, match="'base.config_hash'"):
+        load_artifact(art, other)
+    with pytest.raises(EdgeprefillError, match="no card.json"):
+        load_artifact(tmp_path, m)
+
+
+def test_kvp_fit_cli_then_generate_with_the_artifact(tiny_models, cli_env, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    art = tmp_path / "art"
+    model = str(tiny_models["llama"])
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "fit", "--model", model,
+                        "--aux", "LP-0.50", "--tokens", "400", "--chunk", "64", "--out",
+                        str(art)], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    card = json.loads((art / "card.json").read_text())
+    assert card["aux"] == {"kind": "LP-0.50", "layers": [0, 2]}
+    assert card["layer_map"] == [0, 0, 1, 1] and card["fit"]["method"] == "ridge"
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", model,
+                        "--prompt", "the quick brown fox", "--strategy", "kvp", "--kvp",
+                        str(art), "--max-tokens", "4", "--json"], env=cli_env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)["stats"]
+    assert stats["strategy"] == "kvp" and stats["extra"]["aux"] == "LP-0.50"
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", model,
+                        "--prompt", "hi", "--strategy", "kvp", "--kvp", str(tmp_path / "none")],
+                       env=cli_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "no KV Prediction artifact" in r.stderr
