@@ -7,7 +7,6 @@ row is mlx-lm's own generation path on the same model and prompts: the anchor us
 
 import datetime
 import json
-import os
 import statistics
 import sys
 import time
@@ -199,10 +198,9 @@ def bench_records(runner, lm, strategies, lengths, trials, warmup, n_prompts, pr
 
 def write_json(path, payload):
     """Write JSON atomically (temp file, then rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    from edgeprefill.fsio import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def run(args):

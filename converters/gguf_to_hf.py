@@ -7,14 +7,12 @@ they are un-permuted here.
 """
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from edgeprefill.errors import EdgeprefillError
+from edgeprefill.fsio import atomic_folder
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -168,9 +166,7 @@ def convert_gguf(gguf_path, out_dir, progress=None):
             "or not GGUF; re-download it"
         ) from None
     config = read_config(reader)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         say("dequantizing weights")
         save_file(read_weights(reader, config), str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
@@ -179,12 +175,6 @@ def convert_gguf(gguf_path, out_dir, progress=None):
         (tmp / "edgeprefill_source.json").write_text(
             json.dumps({"converted_from": gguf_path.name, "size": gguf_path.stat().st_size})
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

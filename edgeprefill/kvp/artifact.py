@@ -9,9 +9,6 @@ Loading refuses a card that does not match the loaded base, naming the differing
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,6 +16,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from edgeprefill.errors import EdgeprefillError
+from edgeprefill.fsio import atomic_folder
 from edgeprefill.kvp.aux import AuxModel
 from edgeprefill.kvp.layer_map import validate_layer_map
 from edgeprefill.kvp.predictor import KVPredictor
@@ -50,17 +48,10 @@ def save_artifact(path, predictor, aux, base, base_id, fit_info, quality=None):
         "fit": fit_info,
         "quality": quality or {},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         mx.save_safetensors(str(tmp / "predictor.safetensors"),
                             dict(tree_flatten(predictor.parameters())))
         (tmp / "card.json").write_text(json.dumps(card, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

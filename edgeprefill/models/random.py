@@ -6,10 +6,9 @@ model.safetensors, tokenizer files), optionally 4-bit quantized the way mlx-comm
 """
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from edgeprefill.fsio import atomic_folder
 
 # Real architectures' shapes (hidden, layers, intermediate, heads, kv heads, vocab).
 SHAPES = {
@@ -92,15 +91,8 @@ def random_model_folder(path, family="llama", shape="tiny", seed=0, quantize_bit
     mx.eval(model.parameters())
     if quantize_bits:
         model, config = quantize_model(model, config, group_size=group_size, bits=quantize_bits)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         save_model(tmp, model, donate_model=True)
         save_config(config, tmp / "config.json")
         write_tokenizer(tmp, config["vocab_size"])
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path

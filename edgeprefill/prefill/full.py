@@ -8,9 +8,12 @@ from edgeprefill.prefill.base import PrefillStats, PromptCache
 
 
 def as_token_array(prompt_ids):
-    """(N,) int32 mx.array from a list or array of token ids."""
+    """(N,) int32 mx.array from a list or array of token ids; refuses an empty prompt."""
     ids = prompt_ids if isinstance(prompt_ids, mx.array) else mx.array(list(prompt_ids))
-    return ids.astype(mx.int32).reshape(-1)
+    ids = ids.astype(mx.int32).reshape(-1)
+    if ids.shape[0] == 0:
+        raise ValueError("prefill needs at least one token")
+    return ids
 
 
 class FullPrefill:
@@ -35,8 +38,6 @@ class FullPrefill:
         start = time.perf_counter()
         ids = as_token_array(prompt_ids)
         n = ids.shape[0]
-        if n == 0:
-            raise ValueError("prefill needs at least one token")
         m = self.model
         cache = cache if cache is not None else PromptCache(m.make_cache())
         done = 0

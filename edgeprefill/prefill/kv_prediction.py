@@ -61,8 +61,6 @@ class KVPrediction:
         start = time.perf_counter()
         ids = as_token_array(prompt_ids)
         n = ids.shape[0]
-        if n == 0:
-            raise ValueError("prefill needs at least one token")
         if cache is None:
             cache = self.make_cache()
         elif not isinstance(cache, PromptCache) or cache.aux is None:
