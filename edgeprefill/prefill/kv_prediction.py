@@ -66,7 +66,7 @@ class KVPrediction:
         elif not isinstance(cache, PromptCache) or cache.aux is None:
             raise ValueError("kvp continues only a conversation it started (its aux cache)")
         base = self.model
-        gap = cache.tokens[cache.aux[0].offset:] if cache.aux[0].offset else cache.tokens
+        gap = cache.tokens[cache.aux[0].offset:]  # tokens the base holds that the aux has not seen
         aux_ids = mx.concatenate([mx.array(gap, dtype=mx.int32), ids[:-1]]) if gap else ids[:-1]
         if aux_ids.shape[0]:
             self._run_aux(aux_ids, cache, predict_from=len(gap))
