@@ -20,7 +20,8 @@ def add_parser(sub):
     p = sub.add_parser("bench", help="measure TTFT per strategy and prompt length")
     add_model_args(p)
     p.add_argument("--strategies", default="full,mlx-lm",
-                   help="comma list: full, mlx-lm (mlx backend); full (mirror backend)")
+                   help="comma list: full, mlx-lm, kvp, aux-only (mlx backend); full, kvp "
+                   "(mirror backend)")
     p.add_argument("--prompt-tokens", default="128,512,1024", help="comma list of lengths")
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -32,7 +33,19 @@ def add_parser(sub):
     p.add_argument("--backend", default="mlx", choices=["mlx", "mirror"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="mirror backend device")
+    p.add_argument("--continuation", type=int, default=32,
+                   help="tokens after each prompt scored for the NLL ratio (0: skip)")
+    p.add_argument("--random-tokens", action="store_true",
+                   help="random token prompts (speed only: quality columns omitted)")
+    p.add_argument("--shape", default=None,
+                   help="random-weight model of a real shape instead of --model (llama-1b, "
+                   "llama-3b, llama-8b, smollm2-135m; speed only)")
+    p.add_argument("--aux-shape", default=None,
+                   help="with --shape: a random KVP-C aux of this shape for kvp / aux-only "
+                   "(default: T-0.50 of the base, random predictor)")
     p.add_argument("--json", metavar="FILE", default=None, help="write the records as JSON")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="PNG: TTFT vs prompt length, and quality vs TTFT")
     p.set_defaults(run=run)
 
 
@@ -46,47 +59,67 @@ def parse_list(text, cast, what):
     return items
 
 
-def kl_divergence(p_logits, q_logits):
-    """KL(p || q) of two (V,) logit vectors (numpy float64), p the base."""
-    import numpy as np
-
-    def log_softmax(x):
-        x = x.astype(np.float64)
-        x = x - x.max()
-        return x - np.log(np.exp(x).sum())
-
-    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
-    return float((np.exp(lp) * (lp - lq)).sum())
-
-
 class MlxRunner:
     """Runs strategies on the MLX backend: (prompt ids) -> (ttft seconds, first logits)."""
 
-    def __init__(self, lm, chunk_size, kvp_artifact=None):
+    def __init__(self, lm, chunk_size, kvp_artifact=None, random_pair=None):
         self.lm = lm
         self.chunk_size = chunk_size
         self.strategies = {}
         self.kvp_artifact = kvp_artifact
+        self.random_pair = random_pair  # (aux, predictor) for random-weight shapes
 
     def available(self):
-        return ("full", "mlx-lm", "kvp")
+        return ("full", "mlx-lm", "kvp", "aux-only")
 
     def strategy(self, name):
         """The prefill strategy object, built once (kvp loads its artifact here)."""
-        from edgeprefill.prefill import make_strategy
+        from edgeprefill.prefill import AuxOnly, KVPrediction, make_strategy
 
         if name not in self.strategies:
             opts = {"chunk_size": self.chunk_size} if self.chunk_size else {}
-            if name == "kvp":
+            if name in ("kvp", "aux-only") and self.random_pair:
+                aux, pred = self.random_pair
+                self.strategies[name] = (KVPrediction(self.lm.model, aux, pred, **opts)
+                                         if name == "kvp" else AuxOnly(self.lm.model, aux, **opts))
+                return self.strategies[name]
+            if name in ("kvp", "aux-only"):
                 opts["artifact"] = self.kvp_artifact
             self.strategies[name] = make_strategy(name, self.lm.model, **opts)
         return self.strategies[name]
 
+    def quality(self, strategy, prompt, continuation):
+        """(first-token logits, mean continuation NLL) of `strategy` (numpy, float)."""
+        import mlx.core as mx
+        import numpy as np
+
+        from edgeprefill.evaluate import continuation_logits, mean_nll
+
+        if strategy == "mlx-lm":  # mlx-lm's own model call and prompt cache
+            from mlx_lm.models.cache import make_prompt_cache
+
+            model = self.lm.model.model
+            cache = make_prompt_cache(model)
+            first = np.array(model(mx.array(prompt)[None], cache)[0, -1].astype(mx.float32))
+            forward = model
+        else:
+            strat = self.strategy(strategy)
+            cache, logits, _ = strat.prefill(prompt)
+            first, forward = np.array(logits), getattr(strat, "forward", self.lm.model)
+        if not continuation:
+            return first, None
+        return first, mean_nll(continuation_logits(forward, cache, first, continuation),
+                               continuation)
+
     def flops_options(self, name):
-        if name == "kvp":
-            aux = self.strategy("kvp").aux
-            return {"aux_layers": aux.n_layers, "aux_kv_dim": aux.kv_dim}
-        return {}
+        from edgeprefill.flops import flops_options
+
+        return {} if name == "mlx-lm" else flops_options(self.strategy(name))
+
+    def artifacts(self, strategies):
+        if self.random_pair or not {"kvp", "aux-only"} & set(strategies):
+            return {}
+        return {"kvp": str(self.kvp_artifact)}
 
     def peak_reset(self):
         import mlx.core as mx
@@ -118,7 +151,7 @@ class MlxRunner:
 class MirrorRunner:
     """Runs strategies on the torch mirror (CPU or CUDA)."""
 
-    def __init__(self, lm, chunk_size, device):
+    def __init__(self, lm, chunk_size, device, kvp_artifact=None):
         import torch
 
         from edgeprefill.mirror.loading import mirror_from_mlx
@@ -129,14 +162,55 @@ class MirrorRunner:
         self.model = mirror_from_mlx(lm.model, dtype=dtype, device=device)
         self.device = device
         self.chunk_size = chunk_size
+        self.kvp_artifact = kvp_artifact
+        self.pair = None
 
     def available(self):
+        return ("full", "kvp")
+
+    def _strategy(self, name):
         from edgeprefill.mirror.prefill import STRATEGIES
 
-        return tuple(STRATEGIES)
+        opts = {"chunk_size": self.chunk_size} if self.chunk_size else {}
+        if name != "kvp":
+            return STRATEGIES[name](self.model, **opts)
+        if self.pair is None:
+            self.pair = mirror_kvp_pair(self.lm.model, self.model, self.kvp_artifact)
+        aux, pred, tail = self.pair
+        return STRATEGIES["kvp"](self.model, aux, pred, tail=tail, **opts)
 
     def flops_options(self, name):
-        return {}
+        if name != "kvp":
+            return {}
+        aux, pred, _ = self.pair
+        return {"aux_layers": aux.n_layers, "predictor_in": pred.in_dim,
+                "predicted_layers": len(pred.predicted)}
+
+    def artifacts(self, strategies):
+        return {"kvp": str(self.kvp_artifact)} if "kvp" in strategies else {}
+
+    def _cache(self, strategy, n):
+        s = self._strategy(strategy)
+        return s, (s.make_cache(n) if hasattr(s, "make_cache") else self.model.make_cache(n))
+
+    def quality(self, strategy, prompt, continuation):
+        import torch
+
+        s, cache = self._cache(strategy, len(prompt) + len(continuation) + 1)
+        _, logits, _ = s.prefill(prompt, cache=cache)
+        first = logits.float().cpu().numpy()
+        if not continuation:
+            return first, None
+        from edgeprefill.evaluate import mean_nll
+
+        rows = [first[None]]
+        if len(continuation) > 1:
+            with torch.no_grad():
+                ids = torch.tensor([continuation[:-1]], device=self.device)
+                rows.append(self.model(ids, cache)[0].float().cpu().numpy())
+        import numpy as np
+
+        return first, mean_nll(np.concatenate(rows), continuation)
 
     def peak_reset(self):
         import torch
@@ -150,49 +224,90 @@ class MirrorRunner:
         return int(torch.cuda.max_memory_allocated()) if self.device == "cuda" else None
 
     def run(self, strategy, ids):
-        from edgeprefill.mirror.prefill import STRATEGIES
-
-        opts = {"chunk_size": self.chunk_size} if self.chunk_size else {}
-        model = self.model
-        cache = model.make_cache(max_len=len(ids) + 1)
-        _, logits, stats = STRATEGIES[strategy](model, **opts).prefill(ids, cache=cache)
+        s, cache = self._cache(strategy, len(ids) + 1)
+        _, logits, stats = s.prefill(ids, cache=cache)
         return stats.ttft_s, logits.float().cpu().numpy()
 
 
-def bench_records(runner, lm, strategies, lengths, trials, warmup, n_prompts, progress=None):
-    """One record per (strategy, prompt length): TTFT stats, FLOPs, memory, quality vs base."""
+def mirror_kvp_pair(base, tbase, artifact):
+    """(mirror aux, mirror predictor, tail) for an artifact made on the MLX side."""
+    from edgeprefill.kvp.artifact import load_artifact
+    from edgeprefill.mirror.kvp.aux import AuxModel
+    from edgeprefill.mirror.kvp.predictor import predictor_to_torch
+
+    if artifact is None:
+        raise EdgeprefillError("kvp on the mirror backend needs an artifact: pass --kvp FOLDER")
+    aux, pred, card = load_artifact(artifact, base)
+    if hasattr(aux.model, "copied"):
+        raise EdgeprefillError("the mirror benchmark runs auxes made of the base's own blocks; "
+                               "this artifact has trained aux weights: bench it on --backend mlx")
+    return (AuxModel(tbase, aux.layers, aux.kind),
+            predictor_to_torch(pred, tbase.device, tbase.dtype), card.get("tail", 1))
+
+
+def bench_prompt_sets(lm, n, count, continuation, random_tokens, seed=0):
+    """[(prompt ids, continuation ids)] of held-out text, or random tokens (no continuation)."""
     import numpy as np
 
+    if random_tokens:
+        rng = np.random.default_rng((seed, n))
+        vocab = min(lm.model.vocab_size, len(lm.tokenizer.vocab) if hasattr(
+            lm.tokenizer, "vocab") else lm.model.vocab_size)
+        return [(rng.integers(3, max(4, vocab), size=n).tolist(), []) for _ in range(count)]
     from edgeprefill.data import bench_prompts
+
+    return [(ids[:n], ids[n:]) for ids in bench_prompts(lm.tokenizer, n, count, continuation)]
+
+
+def bench_records(runner, lm, strategies, lengths, trials, warmup, n_prompts, progress=None,
+                  continuation=32, random_tokens=False):
+    """One record per (strategy, prompt length): TTFT stats, FLOPs, memory, quality vs base.
+
+    Quality (first-token agreement and KL, continuation NLL ratio) is measured against the
+    base's exact prefill on the same prompts, outside the timed runs; None for random tokens.
+    """
+    import numpy as np
+
+    from edgeprefill.evaluate import kl_divergence
     from edgeprefill.flops import strategy_flops
 
     records = []
     for n in lengths:
-        if n + 1 >= lm.model.max_context:
-            raise EdgeprefillError(f"--prompt-tokens {n} does not fit the model's context "
-                                   f"({lm.model.max_context}): use shorter prompts")
-        prompts = bench_prompts(lm.tokenizer, n, n_prompts)
-        base = [runner.run("full", ids)[1] for ids in prompts]
+        if n + continuation + 1 >= lm.model.max_context:
+            raise EdgeprefillError(f"--prompt-tokens {n} (+{continuation} continuation) does not "
+                                   f"fit the model's context ({lm.model.max_context}): use "
+                                   "shorter prompts")
+        sets = bench_prompt_sets(lm, n, n_prompts, continuation, random_tokens)
+        base = None if random_tokens else [runner.quality("full", p, c) for p, c in sets]
         for s in strategies:
-            times, agree, kls = [], [], []
+            times = []
             runner.peak_reset()
-            for p, ids in enumerate(prompts):
+            for p, _ in sets:
                 for t in range(warmup + trials):
-                    ttft, logits = runner.run(s, ids)
+                    ttft, _ = runner.run(s, p)
                     if t >= warmup:
                         times.append(ttft)
                     if progress:
                         progress()
-                agree.append(float(np.argmax(logits) == np.argmax(base[p])))
-                kls.append(kl_divergence(base[p], logits))
+            peak = runner.peak()
+            q = {"first_token_agreement": None, "first_token_kl": None, "nll": None,
+                 "nll_exact": None, "nll_ratio": None}
+            if base is not None:
+                got = [runner.quality(s, p, c) for p, c in sets]
+                q["first_token_agreement"] = float(np.mean(
+                    [np.argmax(g[0]) == np.argmax(b[0]) for g, b in zip(got, base)]))
+                q["first_token_kl"] = float(np.mean(
+                    [kl_divergence(b[0], g[0]) for g, b in zip(got, base)]))
+                if continuation:
+                    q["nll"] = float(np.mean([g[1] for g in got]))
+                    q["nll_exact"] = float(np.mean([b[1] for b in base]))
+                    q["nll_ratio"] = q["nll"] / q["nll_exact"]
             med = statistics.median(times)
             records.append({
                 "strategy": s, "prompt_tokens": n, "ttft_s": med, "ttft_min_s": min(times),
                 "ttft_max_s": max(times), "trials": len(times), "prefill_tok_s": n / med,
-                "ttft_flops": strategy_flops(s, lm.config, n, **runner.flops_options(s)), "peak_mem_bytes": runner.peak(),
-                "first_token_agreement": float(np.mean(agree)),
-                "first_token_kl": float(np.mean(kls)),
-            })
+                "ttft_flops": strategy_flops(s, lm.config, n, **runner.flops_options(s)),
+                "peak_mem_bytes": peak, **q})
     return records
 
 
@@ -218,12 +333,32 @@ def run(args):
         raise EdgeprefillError("--trials and --prompts must be >= 1, --warmup >= 0")
     if min(lengths) < 2:
         raise EdgeprefillError("--prompt-tokens must be at least 2")
-    lm = load(args.model, dtype=args.dtype)
-    from apps.kvp import default_artifact_path
+    if args.continuation < 0:
+        raise EdgeprefillError("--continuation must be >= 0")
+    random_pair = None
+    if args.shape:
+        from edgeprefill.models.random import load_random
 
-    kvp = args.kvp or default_artifact_path(lm.model_id)
-    runner = (MlxRunner(lm, args.chunk_size, kvp) if args.backend == "mlx"
-              else MirrorRunner(lm, args.chunk_size, args.device))
+        dtype = "float32" if args.dtype == "auto" else args.dtype
+        if args.dtype == "auto":
+            import mlx.core as mx
+
+            dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
+        lm = load_random(args.shape, dtype=dtype)
+        args.random_tokens = True
+        if {"kvp", "aux-only"} & set(strategies):
+            random_pair = random_kvp_pair(lm, args.aux_shape, dtype)
+    else:
+        if args.aux_shape:
+            raise EdgeprefillError("--aux-shape goes with --shape (random-weight models)")
+        lm = load(args.model, dtype=args.dtype)
+    from apps.generate import strategy_options
+
+    kvp = None
+    if {"kvp", "aux-only"} & set(strategies) and not random_pair:
+        kvp = strategy_options(args, lm, "kvp")["artifact"]
+    runner = (MlxRunner(lm, args.chunk_size, kvp, random_pair) if args.backend == "mlx"
+              else MirrorRunner(lm, args.chunk_size, args.device, kvp))
     unknown = [s for s in strategies if s not in runner.available()]
     if unknown:
         raise EdgeprefillError(f"strategy {unknown[0]} is not available on the {args.backend} "
@@ -235,27 +370,62 @@ def run(args):
                   model=lm.model_id, model_path=str(lm.path), dtype=args.dtype,
                   matmul_gflops_fp32=round(matmul_gflops(), 1), trials=args.trials,
                   warmup=args.warmup, prompts_per_length=args.prompts,
-                  artifacts={"kvp": str(kvp)} if "kvp" in strategies else {})
+                  artifacts=runner.artifacts(strategies), random_weights=bool(args.shape),
+                  random_tokens=args.random_tokens, continuation_tokens=args.continuation,
+                  shape=args.shape, aux_shape=args.aux_shape)
     console = Console(stderr=True)
     total = len(lengths) * len(strategies) * args.prompts * (args.trials + args.warmup)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("benchmarking", total=total)
         records = bench_records(runner, lm, strategies, lengths, args.trials, args.warmup,
-                                args.prompts, progress=lambda: bar.advance(task))
+                                args.prompts, progress=lambda: bar.advance(task),
+                                continuation=0 if args.random_tokens else args.continuation,
+                                random_tokens=args.random_tokens)
     table = Table(title=f"TTFT, {lm.model_id}, {args.backend} on {header['device']} "
                         f"({header['blas']} BLAS, {header['matmul_gflops_fp32']} GFLOPS)")
-    for col in ("strategy", "prompt", "TTFT ms (min-max)", "tok/s", "GFLOP", "peak MB",
-                "agree", "KL"):
+    for col in ("strategy", "prompt", "TTFT ms (min-max)", "x full", "tok/s", "GFLOP",
+                "peak MB", "agree", "KL", "NLL x"):
         table.add_column(col, justify="right")
+    full = {r["prompt_tokens"]: r["ttft_s"] for r in records if r["strategy"] == "full"}
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in records:
+        ratio = r["ttft_s"] / full[r["prompt_tokens"]] if r["prompt_tokens"] in full else None
         table.add_row(r["strategy"], str(r["prompt_tokens"]),
                       f"{r['ttft_s'] * 1e3:.0f} ({r['ttft_min_s'] * 1e3:.0f}-"
-                      f"{r['ttft_max_s'] * 1e3:.0f})", f"{r['prefill_tok_s']:.1f}",
+                      f"{r['ttft_max_s'] * 1e3:.0f})", fmt(ratio, ".2f"),
+                      f"{r['prefill_tok_s']:.1f}",
                       f"{r['ttft_flops'] / 1e9:.1f}" if r["ttft_flops"] else "-",
                       f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] else "-",
-                      f"{r['first_token_agreement']:.2f}", f"{r['first_token_kl']:.4f}")
+                      fmt(r["first_token_agreement"], ".2f"), fmt(r["first_token_kl"], ".4f"),
+                      fmt(r["nll_ratio"], ".3f"))
     Console(width=max(Console().width, 110)).print(table)
     if args.json:
         write_json(args.json, {"header": header, "records": records})
         print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        from apps.plots import bench_plot
+
+        bench_plot(records, args.plot, table.title)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
+
+
+def random_kvp_pair(lm, aux_shape, dtype):
+    """(aux, predictor) of random weights for speed-only kvp runs: a KVP-C aux of `aux_shape`
+    (same random tokenizer), else the base's first half (T-0.50) with a hidden-state predictor."""
+    from apps.kvp import build_predictor
+    from edgeprefill.kvp.aux import AuxModel
+    from edgeprefill.kvp.layer_map import compact_layer_map
+    from edgeprefill.kvp.predictor import KVPredictor
+    from edgeprefill.models.random import load_random
+
+    base = lm.model
+    if not aux_shape:
+        aux, pred = build_predictor(base, "T-0.50", "hidden")
+    else:
+        small = load_random(aux_shape, dtype=dtype, seed=1).model
+        aux = AuxModel(small, range(small.n_layers), "C")
+        pred = KVPredictor(compact_layer_map(base.n_layers, small.n_layers), aux.kv_dim,
+                           base.n_kv_heads, base.head_dim)
+    pred.set_dtype(base.dtype)
+    return aux, pred

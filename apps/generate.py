@@ -19,10 +19,12 @@ def add_parser(sub):
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="the prompt text, or '-' to read stdin")
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--strategy", default="full", help="prefill strategy (default: full)")
+    p.add_argument("--strategy", default="full",
+                   help="prefill strategy: full, kvp, aux-only (default: full)")
     p.add_argument("--kvp", default=None, metavar="FOLDER",
-                   help="KV Prediction artifact for --strategy kvp (default: the model's "
-                   "LP-0.50 artifact from `edgeprefill kvp fit`)")
+                   help="KV Prediction artifact for --strategy kvp / aux-only (default: the "
+                   "model's T-0.50 artifact from `edgeprefill kvp fit`; fitted on first use "
+                   "for the default model)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -50,13 +52,16 @@ def validate_sampling(args):
         raise EdgeprefillError(f"--top-p must be in (0, 1] (got {args.top_p})")
 
 
-def strategy_options(args, lm):
-    """Options for make_strategy from the command line (kvp: its artifact folder)."""
-    if args.strategy != "kvp":
+def strategy_options(args, lm, name=None):
+    """Options for make_strategy from the command line (kvp, aux-only: the artifact folder;
+    the default pair is fitted on first use for the bundled model)."""
+    if (name or args.strategy) not in ("kvp", "aux-only"):
         return {}
-    from apps.kvp import default_artifact_path
+    from apps.kvp import default_artifact_path, ensure_default_artifact
 
-    return {"artifact": args.kvp or default_artifact_path(lm.model_id)}
+    if args.kvp:
+        return {"artifact": args.kvp}
+    return {"artifact": ensure_default_artifact(lm, default_artifact_path(lm.model_id))}
 
 
 def stats_line(stats):

@@ -1,19 +1,22 @@
-"""Offline text for benchmarks (and, later, fitting and evaluation).
+"""Offline text for fitting, evaluation and benchmarks: a documented mix of code and prose.
 
-Real text, never random tokens, so quality figures mean something: the Python standard
-library's source, which every Python install carries. Named sources keep benchmark prompts
-apart from any fitting text.
+Every Python install carries both:
+- code: the standard library's source;
+- English prose: the Python language reference's topic texts (pydoc_data.topics, the text
+  `help('assignment')` prints).
+Each source is split once into a FIT part and a HELD-OUT part (code by module, prose by topic),
+so evaluation and benchmark prompts are never text a predictor was fitted or trained on.
 """
 
+import json
 import sysconfig
 from pathlib import Path
 
-# Modules whose source makes the benchmark prompts (fitting code must not use these).
+# Held-out code: benchmark and evaluation prompts (fitting must not use these).
 BENCH_MODULES = ("argparse.py", "textwrap.py", "difflib.py", "fractions.py", "statistics.py",
                  "calendar.py", "pprint.py", "shlex.py")
 
-# Modules whose source is KV Prediction fitting text: disjoint from BENCH_MODULES, so
-# benchmark and evaluation prompts are never text a predictor was fitted on.
+# Fitting code: disjoint from BENCH_MODULES.
 FIT_MODULES = ("ast.py", "base64.py", "bisect.py", "codecs.py", "configparser.py", "csv.py",
                "dataclasses.py", "datetime.py", "enum.py", "functools.py", "gettext.py",
                "heapq.py", "inspect.py", "ipaddress.py", "locale.py", "logging/__init__.py",
@@ -21,12 +24,10 @@ FIT_MODULES = ("ast.py", "base64.py", "bisect.py", "codecs.py", "configparser.py
                "re/_parser.py", "shutil.py", "smtplib.py", "string.py", "tarfile.py",
                "threading.py", "typing.py", "uuid.py", "zipfile/__init__.py")
 
-
-def fit_chunks(tokenizer, n_tokens, chunk, modules=FIT_MODULES):
-    """Consecutive `chunk`-token windows of fitting text, `n_tokens` in all (fewer if the
-    text runs out)."""
-    ids = list(tokenizer.encode(stdlib_text(modules)))[:n_tokens]
-    return [ids[s:s + chunk] for s in range(0, len(ids) - chunk + 1, chunk)]
+FIT_DATA = ("code: python-stdlib " + ",".join(FIT_MODULES)
+            + "; prose: pydoc_data.topics (sorted topics, all but every 4th)")
+HELDOUT_DATA = ("code: python-stdlib " + ",".join(BENCH_MODULES)
+                + "; prose: pydoc_data.topics (sorted topics, every 4th)")
 
 
 def stdlib_text(modules):
@@ -39,14 +40,91 @@ def stdlib_text(modules):
     return "\n\n".join(parts)
 
 
-def bench_prompts(tokenizer, n_tokens, count=1, modules=BENCH_MODULES):
-    """`count` distinct prompts of exactly `n_tokens` tokens cut from benchmark text.
+def prose_text(heldout):
+    """The language reference's topic texts: the held-out quarter or the fitting rest."""
+    from pydoc_data.topics import topics
+
+    keys = [k for n, k in enumerate(sorted(topics)) if (n % 4 == 3) == heldout]
+    return "\n\n".join(topics[k] for k in keys)
+
+
+def _interleave(a, b, chunk):
+    """Alternate `chunk`-token windows of two token lists while both last, then the rest."""
+    wa = [a[s:s + chunk] for s in range(0, len(a) - chunk + 1, chunk)]
+    wb = [b[s:s + chunk] for s in range(0, len(b) - chunk + 1, chunk)]
+    out = []
+    for n in range(max(len(wa), len(wb))):
+        out += wa[n:n + 1] + wb[n:n + 1]
+    return out
+
+
+def fit_chunks(tokenizer, n_tokens, chunk):
+    """`chunk`-token windows of fitting text, code and prose alternating, `n_tokens` in all
+    (fewer if the text runs out)."""
+    code = list(tokenizer.encode(stdlib_text(FIT_MODULES)))
+    prose = list(tokenizer.encode(prose_text(heldout=False)))
+    return _interleave(code, prose, chunk)[:max(1, n_tokens // chunk)]
+
+
+def heldout_tokens(tokenizer):
+    """(code ids, prose ids) of the held-out text."""
+    return (list(tokenizer.encode(stdlib_text(BENCH_MODULES))),
+            list(tokenizer.encode(prose_text(heldout=True))))
+
+
+def bench_prompts(tokenizer, n_tokens, count=1, continuation=0):
+    """`count` distinct held-out windows of exactly `n_tokens` (+ `continuation`) tokens,
+    alternating code and prose (code only where prose is too short).
 
     Returns:
-        list of token-id lists.
+        list of token-id lists, each n_tokens + continuation long.
     """
-    ids = list(tokenizer.encode(stdlib_text(modules)))
-    while len(ids) < n_tokens * count:
-        ids = ids + ids
-    stride = max(1, (len(ids) - n_tokens) // max(count, 1))
-    return [ids[i * stride:i * stride + n_tokens] for i in range(count)]
+    code, prose = heldout_tokens(tokenizer)
+    need = n_tokens + continuation
+    sources = [s for s in (code, prose) if len(s) >= need * ((count + 1) // 2)] or [code]
+    out = []
+    for n in range(count):
+        ids = sources[n % len(sources)]
+        per = -(-count // len(sources))
+        while len(ids) < need * per:
+            ids = ids + ids
+        stride = max(1, (len(ids) - need) // per)
+        k = n // len(sources)
+        out.append(ids[k * stride:k * stride + need])
+    return out
+
+
+def heldout_pairs(tokenizer, count=40, prompt_tokens=384, continuation_tokens=32):
+    """Evaluation pairs [{"prompt", "continuation", "source"}] cut from held-out text."""
+    rows = []
+    for n, ids in enumerate(bench_prompts(tokenizer, prompt_tokens, count, continuation_tokens)):
+        rows.append({"prompt": tokenizer.decode(ids[:prompt_tokens]),
+                     "continuation": tokenizer.decode(ids[prompt_tokens:]),
+                     "source": "code" if n % 2 == 0 else "prose"})
+    return rows
+
+
+def read_pairs(path):
+    """Rows of a {"prompt", "continuation"} JSONL file; one-line errors name the bad line."""
+    from edgeprefill.errors import EdgeprefillError
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeprefillError(f"evaluation data {path} does not exist: pass a JSONL file of "
+                               '{"prompt": ..., "continuation": ...} lines')
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EdgeprefillError(f"{path}:{n} is not valid JSON ({e.msg}): one object per line")
+        if not isinstance(row, dict) or not all(
+                isinstance(row.get(k), str) and row[k] for k in ("prompt", "continuation")):
+            raise EdgeprefillError(f'{path}:{n} needs non-empty string fields "prompt" and '
+                                   '"continuation"')
+        rows.append(row)
+    if not rows:
+        raise EdgeprefillError(f"{path} holds no evaluation pairs")
+    return rows

@@ -35,23 +35,45 @@ def prefill_flops(config, n_tokens, n_past=0, layers=None):
     return layers * per_layer + head
 
 
-def kvp_flops(config, n_tokens, aux_layers, aux_kv_dim=None, n_past=0):
-    """KV Prediction TTFT FLOPs: a layer-pruned aux over N-1 tokens (no LM head), the
-    predictor (a K and a V Linear per base layer on each of those tokens), and one base step
-    on the last token attending to all N positions."""
+def kvp_flops(config, n_tokens, aux_layers, predictor_in=None, predicted_layers=None,
+              n_past=0):
+    """KV Prediction TTFT FLOPs: an aux of `aux_layers` base-sized blocks over N-1 tokens (no
+    LM head), the predictor (a K and a V Linear of width `predictor_in` per predicted base
+    layer, default all, on each of those tokens), and one base step on the last token
+    attending to all N positions."""
     d = config["hidden_size"]
     h = config["num_attention_heads"]
     hkv = config.get("num_key_value_heads") or h
     hd = config.get("head_dim") or d // h
-    aux_kv_dim = aux_kv_dim or hkv * hd
+    predictor_in = predictor_in or hkv * hd
+    if predicted_layers is None:
+        predicted_layers = config["num_hidden_layers"]
     m = n_tokens - 1
     aux = aux_layers * (m * layer_matmul_flops(config) + attention_flops(config, m, n_past))
-    predictor = config["num_hidden_layers"] * m * 2 * 2 * aux_kv_dim * hkv * hd
+    predictor = predicted_layers * m * 2 * 2 * (predictor_in + 1) * hkv * hd
     base_step = prefill_flops(config, 1, n_past=n_past + m)
     return aux + predictor + base_step
 
 
-STRATEGY_FLOPS = {"full": prefill_flops, "mlx-lm": prefill_flops, "kvp": kvp_flops}
+def aux_only_flops(config, n_tokens, aux_layers, n_past=0, **_):
+    """The aux model alone: `aux_layers` blocks over all N tokens plus the LM head."""
+    return prefill_flops(config, n_tokens, n_past=n_past, layers=aux_layers)
+
+
+STRATEGY_FLOPS = {"full": prefill_flops, "mlx-lm": prefill_flops, "kvp": kvp_flops,
+                  "aux-only": aux_only_flops}
+
+
+def flops_options(strategy):
+    """The analytic-count options a built strategy object implies (its aux and predictor)."""
+    aux = getattr(strategy, "aux", None)
+    if aux is None:
+        return {}
+    opts = {"aux_layers": aux.n_layers}
+    pred = getattr(strategy, "predictor", None)
+    if pred is not None:
+        opts.update(predictor_in=pred.in_dim, predicted_layers=len(pred.predicted))
+    return opts
 
 
 def strategy_flops(strategy, config, n_tokens, **options):

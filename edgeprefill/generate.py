@@ -89,7 +89,7 @@ def decode_tokens(model, cache, logits, sampler, max_tokens, max_context):
     """The decode loop: sample from `logits`, feed the token back, repeat.
 
     Args:
-        model: edgeprefill.models.Transformer.
+        model: callable (1, 1) ids, cache -> (1, 1, V) logits (a Transformer).
         cache: per-layer caches holding the prompt.
         logits: (V,) first-token logits from a prefill.
         sampler: callable (1, V) logprobs -> (1,) token.
@@ -144,7 +144,8 @@ def stream_generate(model, tokenizer, prompt_ids, strategy, cache=None, max_toke
     detok.reset()
     tokens, finish = [], "length"
     t0 = time.perf_counter()
-    for token in decode_tokens(model, cache, logits, sampler, max_tokens, model.max_context):
+    forward = getattr(strategy, "forward", model)  # aux-only decodes with its own model
+    for token in decode_tokens(forward, cache, logits, sampler, max_tokens, model.max_context):
         if not tokens:
             t0 = time.perf_counter()  # decode time starts after the first token
         tokens.append(token)

@@ -43,5 +43,42 @@ def test_bench_json_records_are_complete_and_consistent(tiny_models, cli_env, tm
         assert x["ttft_min_s"] <= x["ttft_s"] <= x["ttft_max_s"]
         assert abs(x["prefill_tok_s"] - x["prompt_tokens"] / x["ttft_s"]) < 1e-6
         assert x["ttft_flops"] > 0 and x["trials"] == 2
-        # mlx-lm's own path and ours compute the same model: same first token.
+        # mlx-lm's own path and ours compute the same model: same first token, same NLL.
         assert x["first_token_agreement"] == 1.0 and x["first_token_kl"] < 1e-4
+        assert abs(x["nll_ratio"] - 1.0) < 1e-4 and x["nll"] > 0
+
+
+def test_bench_kvp_rows_plot_and_speed_only_modes(tiny_models, cli_env, tmp_path):
+    model = str(tiny_models["llama"])
+    art = tmp_path / "art"
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "fit", "--model", model,
+                        "--aux", "T-0.50", "--tokens", "300", "--chunk", "60", "--eval-pairs",
+                        "0", "--out", str(art)], env=cli_env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "bench", "--model", model,
+                        "--strategies", "full,kvp,aux-only", "--kvp", str(art),
+                        "--prompt-tokens", "24", "--trials", "1", "--continuation", "8",
+                        "--json", str(out), "--plot", str(png)], env=cli_env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["header"]["artifacts"] == {"kvp": str(art)}
+    recs = {x["strategy"]: x for x in data["records"]}
+    assert recs["kvp"]["ttft_flops"] < recs["full"]["ttft_flops"]
+    assert recs["aux-only"]["ttft_flops"] < recs["full"]["ttft_flops"]
+    assert recs["kvp"]["nll_ratio"] > 0 and recs["full"]["nll_ratio"] == 1.0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # speed only: random tokens, and a random-weight shape; quality is omitted, not faked
+    for extra in (["--model", model, "--random-tokens"], ["--shape", "tiny", "--strategies",
+                                                          "full,kvp"]):
+        r = subprocess.run([sys.executable, "-m", "apps.cli", "bench", *extra,
+                            "--prompt-tokens", "16", "--trials", "1", "--json", str(out)],
+                           env=cli_env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        for x in json.loads(out.read_text())["records"]:
+            assert x["first_token_agreement"] is None and x["nll_ratio"] is None
+            assert x["ttft_s"] > 0
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "bench", "--shape", "llama-99b"],
+                       env=cli_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "unknown --shape 'llama-99b'" in r.stderr

@@ -99,7 +99,8 @@ def test_ridge_fit_recovers_identity_and_artifact_round_trips(tiny_models, tmp_p
     aux = AuxModel(m, range(m.n_layers), "identity")
     rng = np.random.default_rng(0)
     chunks = [rng.integers(3, m.vocab_size, size=48).tolist() for _ in range(8)]
-    pred, tokens = fit_ridge(m, aux, list(range(m.n_layers)), chunks, lam=1e-6)
+    empty = KVPredictor(list(range(m.n_layers)), aux.kv_dim, m.n_kv_heads, m.head_dim)
+    pred, tokens = fit_ridge(m, aux, empty, chunks, lam=1e-6)
     assert tokens == 8 * 48
     ids = lm.tokenizer.encode("the quick brown fox jumps over")
     _, flogits, _ = FullPrefill(m).prefill(ids)
@@ -128,11 +129,13 @@ def test_kvp_fit_cli_then_generate_with_the_artifact(tiny_models, cli_env, tmp_p
     art = tmp_path / "art"
     model = str(tiny_models["llama"])
     r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "fit", "--model", model,
-                        "--aux", "LP-0.50", "--tokens", "400", "--chunk", "64", "--out",
+                        "--aux", "LP-0.50", "--tokens", "400", "--chunk", "64", "--eval-pairs", "2", "--out",
                         str(art)], env=cli_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     card = json.loads((art / "card.json").read_text())
-    assert card["aux"] == {"kind": "LP-0.50", "layers": [0, 2]}
+    assert card["aux"] == {"kind": "LP-0.50", "layers": [0, 2], "weights": "base"}
+    assert card["predictor_input"] == "kv" and card["tail"] == 1
+    assert 0 <= card["quality"]["first_token_agreement"] <= 1 and card["quality"]["pairs"] == 2
     assert card["layer_map"] == [0, 0, 1, 1] and card["fit"]["method"] == "ridge"
     r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", model,
                         "--prompt", "the quick brown fox", "--strategy", "kvp", "--kvp",
@@ -145,3 +148,69 @@ def test_kvp_fit_cli_then_generate_with_the_artifact(tiny_models, cli_env, tmp_p
                         "--prompt", "hi", "--strategy", "kvp", "--kvp", str(tmp_path / "none")],
                        env=cli_env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "no KV Prediction artifact" in r.stderr
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_truncated_aux_copies_its_layers_exactly_and_predicts_the_rest(tiny_models, family):
+    """KVP-T: base layers the aux runs are written exactly; with a hidden-state predictor fitted
+    on random text, the deep layers are predicted, and a full-depth T aux equals the base."""
+    from edgeprefill.kvp.aux import make_aux
+    from edgeprefill.kvp.fit import fit_ridge
+
+    lm = load(str(tiny_models[family]))
+    m = lm.model
+    aux, layer_map, exact = make_aux(m, "T-0.50")
+    assert aux.layers == [0, 1] and layer_map == [0, 1, 1, 1] and exact == [0, 1]
+    assert aux.kind == "T-0.50"
+    pred = KVPredictor(layer_map, m.hidden_size, m.n_kv_heads, m.head_dim, "hidden", exact)
+    assert pred.predicted == [2, 3] and len(pred.k_proj) == 2
+    rng = np.random.default_rng(1)
+    chunks = [rng.integers(3, m.vocab_size, size=40).tolist() for _ in range(6)]
+    pred, _ = fit_ridge(m, aux, pred, chunks, lam=1e-3)
+    ids = lm.tokenizer.encode("the quick brown fox jumps over the lazy dog")
+    fcache, flogits, _ = FullPrefill(m).prefill(ids)
+    kcache, klogits, _ = KVPrediction(m, aux, pred).prefill(ids)
+    n = len(ids) - 1
+    for i in (0, 1):  # exact layers: the base's own cache for the first N-1 positions
+        for a, b in zip(kcache[i].keys_and_values(), fcache[i].keys_and_values()):
+            np.testing.assert_allclose(np.array(a)[:, :, :n], np.array(b)[:, :, :n], atol=1e-5)
+    deep = np.array(kcache[3].keys_and_values()[1])[:, :, :n]
+    assert np.abs(deep - np.array(fcache[3].keys_and_values()[1])[:, :, :n]).max() > 1e-4
+    assert np.isfinite(np.array(klogits)).all()
+    # a full-depth truncated aux is the base: every layer exact, no predictor weights at all
+    full_aux, full_map, full_exact = make_aux(m, "T-0.99")
+    assert full_exact == [0, 1, 2, 3]
+    none = KVPredictor(full_map, m.hidden_size, m.n_kv_heads, m.head_dim, "hidden", full_exact)
+    _, logits, _ = KVPrediction(m, full_aux, none).prefill(ids)
+    np.testing.assert_allclose(np.array(logits), np.array(flogits), atol=1e-4, rtol=1e-4)
+
+
+def test_aux_kind_errors_name_the_choices(tiny_models):
+    from edgeprefill.errors import EdgeprefillError
+    from edgeprefill.kvp.aux import make_aux
+
+    m = load(str(tiny_models["llama"])).model
+    for bad in ("LP-0.4", "T-1.5", "X-0.5", "T-abc"):
+        with pytest.raises(EdgeprefillError, match="T-0.50"):
+            make_aux(m, bad)
+
+
+def test_aux_only_strategy_is_the_aux_model_alone(tiny_models):
+    """aux-only prefills and decodes with the aux's own layers and head; with every base layer
+    kept it is the base."""
+    from edgeprefill.prefill.aux_only import AuxOnly
+
+    lm = load(str(tiny_models["llama"]))
+    m = lm.model
+    ids = lm.tokenizer.encode("the quick brown fox")
+    full = generate(m, lm.tokenizer, ids, FullPrefill(m), max_tokens=6)
+    same = generate(m, lm.tokenizer, ids, AuxOnly(m, AuxModel(m, range(4), "T"), chunk_size=3),
+                    max_tokens=6)
+    assert same.tokens == full.tokens
+    half = AuxOnly(m, layer_pruned_aux(m, 0.5))
+    cache, logits, stats = half.prefill(ids)
+    assert len(cache) == 2 and stats.extra["aux_layers"] == 2
+    h = m.embed(mx.array([ids]))
+    for layer in (0, 2):
+        h = m.block(layer, h).h
+    np.testing.assert_allclose(np.array(logits), np.array(m.head(h)[0, -1]), atol=1e-4)

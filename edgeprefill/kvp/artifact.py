@@ -1,7 +1,8 @@
 """KV Prediction artifacts: a folder per (base, aux) pair.
 
-    predictor.safetensors   K and V Linear weights and biases per base layer
+    predictor.safetensors   K and V Linear weights and biases per predicted base layer
     card.json               base identity and config hash, aux kind and layers, layer map,
+                            predictor input ('kv' or 'hidden') and exact (copied) layers,
                             how it was fitted (method, data, tokens, steps), measured quality
 
 Loading refuses a card that does not match the loaded base, naming the differing field.
@@ -19,7 +20,7 @@ from edgeprefill.errors import EdgeprefillError
 from edgeprefill.fsio import atomic_folder
 from edgeprefill.kvp.aux import AuxModel
 from edgeprefill.kvp.layer_map import validate_layer_map
-from edgeprefill.kvp.predictor import KVPredictor
+from edgeprefill.kvp.predictor import SOURCES, KVPredictor, input_dim
 
 FORMAT = "edgeprefill-kvp/1"
 _ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
@@ -36,21 +37,31 @@ def config_hash(model):
     return h.hexdigest()[:16]
 
 
-def save_artifact(path, predictor, aux, base, base_id, fit_info, quality=None):
-    """Write an artifact folder atomically; returns its path."""
+def save_artifact(path, predictor, aux, base, base_id, fit_info, quality=None, tail=1,
+                  aux_weights=None):
+    """Write an artifact folder atomically; returns its path.
+
+    aux_weights: {'layers.<k>.<name>': array} of trained aux blocks (aux.safetensors), or None
+    when the aux is the base's own blocks.
+    """
     path = Path(path)
     card = {
         "format": FORMAT,
         "base": {"id": base_id, "config_hash": config_hash(base)},
-        "aux": {"kind": aux.kind, "layers": aux.layers},
+        "aux": {"kind": aux.kind, "layers": aux.layers,
+                "weights": "aux.safetensors" if aux_weights else "base"},
+        "tail": tail,
         "layer_map": predictor.layer_map,
-        "predictor_input": "kv",
+        "predictor_input": predictor.source,
+        "exact_layers": predictor.exact,
         "fit": fit_info,
         "quality": quality or {},
     }
     with atomic_folder(path) as tmp:
         mx.save_safetensors(str(tmp / "predictor.safetensors"),
                             dict(tree_flatten(predictor.parameters())))
+        if aux_weights:
+            mx.save_safetensors(str(tmp / "aux.safetensors"), dict(aux_weights))
         (tmp / "card.json").write_text(json.dumps(card, indent=2))
     return path
 
@@ -89,8 +100,32 @@ def load_artifact(path, base):
         validate_layer_map(card["layer_map"], base.n_layers, len(layers))
     except ValueError as e:
         raise EdgeprefillError(f"artifact field 'layer_map' is invalid ({e}): re-create it")
+    exact = card.get("exact_layers", [])
+    if any(layers[:card["layer_map"][i] + 1] != list(range(card["layer_map"][i] + 1))
+           for i in exact):
+        raise EdgeprefillError("artifact field 'exact_layers' names base layers the aux does "
+                               "not compute exactly: re-create the artifact")
     aux = AuxModel(base, layers, card["aux"]["kind"])
-    pred = KVPredictor(card["layer_map"], aux.kv_dim, base.n_kv_heads, base.head_dim)
+    if card["aux"].get("weights", "base") != "base":
+        from edgeprefill.kvp.train import trainable_aux
+
+        aux = trainable_aux(aux)
+        try:
+            aux.model.load_aux_weights(mx.load(str(Path(path) / card["aux"]["weights"])))
+        except Exception as e:
+            raise EdgeprefillError(f"cannot load {path}/{card['aux']['weights']} "
+                                   f"({type(e).__name__}): the artifact is corrupted; "
+                                   "re-create it") from None
+    tail = card.get("tail", 1)
+    if not isinstance(tail, int) or tail < 1:
+        raise EdgeprefillError(f"artifact field 'tail' is {tail!r}, expected an integer >= 1: "
+                               "re-create the artifact")
+    source = card.get("predictor_input", "kv")
+    if source not in SOURCES:
+        raise EdgeprefillError(f"artifact field 'predictor_input' is {source!r}, expected one "
+                               f"of {SOURCES}: re-create the artifact")
+    in_dim = input_dim(aux, source)
+    pred = KVPredictor(card["layer_map"], in_dim, base.n_kv_heads, base.head_dim, source, exact)
     try:
         weights = mx.load(str(Path(path) / "predictor.safetensors"))
         pred.load_weights(list(weights.items()), strict=True)

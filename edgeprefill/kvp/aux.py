@@ -1,15 +1,32 @@
 """Auxiliary models for KV Prediction.
 
-KVP-LP: the base's own blocks, a subset of them (shared weights, no extra memory).
-KVP-C: a separate smaller model of the same family and tokenizer.
-Both run causally over a prompt and return each aux layer's pre-RoPE K/V; they keep their own
-KV cache, so a later chat turn only runs the new tokens.
+KVP-LP: the base's own blocks, a subset at regular intervals (shared weights, no extra memory).
+KVP-T:  the base's first m blocks, unchanged (shared weights); their K/V are the base's exactly.
+KVP-C:  a separate smaller model of the same family and tokenizer.
+All run causally over a prompt and return each aux layer's pre-RoPE K/V (and, on request, the
+hidden state leaving chosen layers); they keep their own KV cache, so a later chat turn only
+runs the new tokens.
 """
+
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from edgeprefill.errors import EdgeprefillError
+
+AUX_KINDS_HELP = "LP-0.75, LP-0.50, LP-0.25 (paper) or T-<fraction> such as T-0.50"
+
+
+@dataclass
+class AuxOutput:
+    """h: (1, L, D) leaving the last aux layer; kv: per aux layer (keys pre-RoPE, values),
+    (1, Hkv_A, L, hd_A); hidden: aux layer -> (1, L, D) hidden state leaving it (asked-for
+    layers only)."""
+
+    h: mx.array
+    kv: list
+    hidden: dict = field(default_factory=dict)
 
 
 class AuxModel:
@@ -18,7 +35,7 @@ class AuxModel:
     Args:
         model: edgeprefill.models.Transformer whose blocks the aux runs.
         layers: the block indices it runs, in order (all of them for KVP-C).
-        kind: 'LP-<fraction>' or 'C'.
+        kind: 'LP-<fraction>', 'T-<fraction>' or 'C'.
     """
 
     def __init__(self, model, layers, kind):
@@ -27,35 +44,72 @@ class AuxModel:
         self.kind = kind
         self.n_layers = len(self.layers)
         self.kv_dim = model.n_kv_heads * model.head_dim
+        self.hidden_size = model.hidden_size
 
     def make_cache(self):
         return [KVCache() for _ in self.layers]
 
-    def forward(self, ids, cache):
+    def forward(self, ids, cache, hidden_from=()):
         """Run the aux over (1, L) ids after what `cache` holds.
 
+        Args:
+            ids: (1, L) int token ids.
+            cache: the aux's per-layer caches (from make_cache), extended in place.
+            hidden_from: aux layer indices whose output hidden state to return.
         Returns:
-            (h, kv): h (1, L, D) leaving the last aux layer; kv a list per aux layer of
-            (keys, values), each (1, Hkv_A, L, hd_A), keys pre-RoPE.
+            AuxOutput.
         """
         h = self.model.embed(ids)
-        kv = []
+        out = AuxOutput(h, [])
+        if -1 in hidden_from:
+            out.hidden[-1] = h
         for a, layer in enumerate(self.layers):
-            out = self.model.block(layer, h, cache=cache[a])
-            h = out.h
-            kv.append((out.keys, out.values))
-        return h, kv
+            blk = self.model.block(layer, h, cache=None if cache is None else cache[a])
+            h = blk.h
+            out.kv.append((blk.keys, blk.values))
+            if a in hidden_from:
+                out.hidden[a] = h
+        out.h = h
+        return out
 
     def logits(self, h):
         """(1, L, D) -> (1, L, V) through the aux model's own head (the aux-only baseline)."""
         return self.model.head(h)
 
 
+def parse_aux_kind(spec):
+    """'LP-0.50' -> ('LP', 0.5); 'T-0.5' -> ('T', 0.5). Raises EdgeprefillError."""
+    from edgeprefill.kvp.layer_map import LP_FRACTIONS
+
+    kind, _, frac = str(spec).upper().partition("-")
+    try:
+        fraction = float(frac)
+    except ValueError:
+        fraction = None
+    ok = (kind == "LP" and fraction in LP_FRACTIONS) or (
+        kind == "T" and fraction is not None and 0 < fraction < 1)
+    if not ok:
+        raise EdgeprefillError(f"unknown aux kind '{spec}': use {AUX_KINDS_HELP}")
+    return kind, fraction
+
+
+def make_aux(base, spec):
+    """(AuxModel, layer map j_i, exact base layers) for an LP or T aux of `base`."""
+    from edgeprefill.kvp.layer_map import (lp_kept_layers, lp_layer_map, truncated_layer_map,
+                                           truncated_layers)
+
+    kind, fraction = parse_aux_kind(spec)
+    if kind == "LP":
+        kept = lp_kept_layers(base.n_layers, fraction)
+        return AuxModel(base, kept, f"LP-{fraction:.2f}"), lp_layer_map(base.n_layers, kept), []
+    m = truncated_layers(base.n_layers, fraction)
+    return (AuxModel(base, range(m), f"T-{fraction:.2f}"),
+            truncated_layer_map(base.n_layers, m), list(range(m)))
+
+
 def layer_pruned_aux(base, fraction):
     """KVP-LP: the base's blocks kept by lp_kept_layers(fraction)."""
-    from edgeprefill.kvp.layer_map import lp_kept_layers
-
-    return AuxModel(base, lp_kept_layers(base.n_layers, fraction), f"LP-{fraction:.2f}")
+    return make_aux(base, f"LP-{fraction}")[0]
 
 
 def compact_aux(aux_model, base_tokenizer, aux_tokenizer):
@@ -66,7 +120,3 @@ def compact_aux(aux_model, base_tokenizer, aux_tokenizer):
         raise EdgeprefillError("the aux model's tokenizer differs from the base's: KVP-C needs "
                                "a smaller model of the same family and tokenizer")
     return AuxModel(aux_model, range(aux_model.n_layers), "C")
-
-
-def eval_cache(cache):
-    mx.eval([c.keys_and_values() for c in cache])

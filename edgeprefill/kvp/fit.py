@@ -1,93 +1,114 @@
 """Closed-form ridge fit of the KV predictor (aux frozen, base frozen).
 
-For each base layer i and each of K and V, solve
+For each predicted base layer i and each of K and V, solve
     W = argmin ||[X 1] W - Y||^2 + lam * ||W_no_bias||^2
-with X the aux layer j_i's merged pre-RoPE K (or V) and Y the base layer i's, over every
-position of the fitting text. Only X^T X and X^T Y are accumulated (float64), so memory does
-not grow with the text and one pass over it suffices.
+with X the predictor's input from aux layer j_i (merged pre-RoPE K or V, or the normalized
+hidden state) and Y the base layer i's pre-RoPE K (or V), over every position of the fitting
+text. Only X^T X and X^T Y are accumulated (float64), so memory does not grow with the text and
+one pass over it suffices.
 """
 
 import mlx.core as mx
 import numpy as np
 
-from edgeprefill.kvp.predictor import KVPredictor, merge_heads
+from edgeprefill.kvp.predictor import merge_heads
 
 
-def _merged(x):
-    """(1, Hkv, L, hd) mx -> (L, Hkv*hd) float64 numpy."""
-    return np.array(merge_heads(x)[0].astype(mx.float32)).astype(np.float64)
+def _np64(x):
+    """(1, L, C) mx -> (L, C) float64 numpy."""
+    return np.array(x[0].astype(mx.float32)).astype(np.float64)
 
 
 class RidgeAccumulator:
-    """Running X^T X and X^T Y per (aux layer, base layer) pair for K and for V."""
+    """Running X^T X per (aux layer, K|V) and X^T Y per (base layer, K|V) for a predictor."""
 
-    def __init__(self, layer_map):
-        self.layer_map = list(layer_map)
-        self.xtx = {}  # (aux layer, 'k'|'v') -> (d_a+1, d_a+1)
-        self.xty = {}  # (base layer, 'k'|'v') -> (d_a+1, d_b)
+    def __init__(self, predictor, skip=0):
+        self.predictor = predictor
+        self.skip = skip  # leading positions of each window left out (exact sinks)
+        self.xtx = {}
+        self.xty = {}
         self.tokens = 0
 
-    def add(self, aux_kv, base_kv):
-        """aux_kv / base_kv: per-layer lists of (keys, values), (1, Hkv, L, hd)."""
+    def add(self, aux_out, base_kv):
+        """aux_out: AuxOutput of the aux over a window; base_kv: per base layer (keys,
+        values), (1, Hkv, L, hd), None for layers the predictor does not predict."""
+        pred = self.predictor
         xs = {}
-        for j in sorted(set(self.layer_map)):
-            for t, x in zip("kv", aux_kv[j]):
-                x = _merged(x)
-                x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
-                xs[j, t] = x
-                self.xtx[j, t] = self.xtx.get((j, t), 0) + x.T @ x
-        for i, j in enumerate(self.layer_map):
+        for i in pred.predicted:
+            j = pred.layer_map[i]
+            if j not in xs:
+                xk, xv = pred.features(aux_out, j, self.skip)
+                xs[j] = {}
+                for t, x in (("k", xk), ("v", xv)):
+                    if t == "v" and xv is xk:
+                        xs[j]["v"] = xs[j]["k"]
+                        self.xtx[j, "v"] = self.xtx[j, "k"]
+                        continue
+                    x = _np64(x)
+                    x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+                    xs[j][t] = x
+                    self.xtx[j, t] = self.xtx.get((j, t), 0) + x.T @ x
             for t, y in zip("kv", base_kv[i]):
-                self.xty[i, t] = self.xty.get((i, t), 0) + xs[j, t].T @ _merged(y)
-        self.tokens += xs[self.layer_map[0], "k"].shape[0]
+                y = merge_heads(y[:, :, self.skip:])
+                self.xty[i, t] = self.xty.get((i, t), 0) + xs[j][t].T @ _np64(y)
+        self.tokens += aux_out.h.shape[1]
 
-    def solve(self, predictor, lam):
-        """Write the ridge solution into `predictor` (a KVPredictor); lam is relative to
-        the mean diagonal of X^T X."""
-        for i, j in enumerate(self.layer_map):
-            for t, lins in (("k", predictor.k_proj), ("v", predictor.v_proj)):
+    def solve(self, lam):
+        """Write the ridge solution into the predictor; lam is relative to the mean diagonal
+        of X^T X. Returns the predictor."""
+        pred = self.predictor
+        for i in pred.predicted:
+            j = pred.layer_map[i]
+            s = pred._slot[i]
+            for t, lins in (("k", pred.k_proj), ("v", pred.v_proj)):
                 xtx = self.xtx[j, t]
                 d = xtx.shape[0] - 1
                 reg = lam * np.trace(xtx[:d, :d]) / d * np.eye(d + 1)
                 reg[d, d] = 0.0  # the bias is not shrunk
                 w = np.linalg.solve(xtx + reg, self.xty[i, t])
-                lins[i].weight = mx.array(w[:d].T.astype(np.float32))
-                lins[i].bias = mx.array(w[d].astype(np.float32))
-        return predictor
+                lins[s].weight = mx.array(w[:d].T.astype(np.float32))
+                lins[s].bias = mx.array(w[d].astype(np.float32))
+        return pred
 
 
-def collect_pair(base, aux, ids):
-    """Aux K/V and base K/V over one (L,) chunk of token ids, each from a fresh cache."""
+def collect_pair(base, aux, predictor, ids):
+    """The aux's output and the base's K/V (predicted layers only) over one (L,) window of
+    token ids, each from a fresh cache. A truncated aux's output seeds the base at its depth."""
     x = mx.array(ids, dtype=mx.int32)[None]
-    _, aux_kv = aux.forward(x, aux.make_cache())
-    h = base.embed(x)
-    cache = base.make_cache()
-    base_kv = []
-    for i in range(base.n_layers):
-        out = base.block(i, h, cache=cache[i])
+    aux_out = aux.forward(x, aux.make_cache(), predictor.hidden_layers())
+    start = 0
+    if aux.model is base and aux.layers == list(range(aux.n_layers)):
+        h, start = aux_out.h, aux.n_layers
+    else:
+        h = base.embed(x)
+    base_kv = [None] * base.n_layers
+    base_kv[:start] = aux_out.kv[:start]  # the same blocks on the same inputs
+    last = max(predictor.predicted, default=-1)
+    for i in range(start, last + 1):
+        out = base.block(i, h)
         h = out.h
-        base_kv.append((out.keys, out.values))
-    mx.eval(aux_kv, base_kv)
-    return aux_kv, base_kv
+        base_kv[i] = (out.keys, out.values)
+    mx.eval(aux_out.h, aux_out.kv, aux_out.hidden, [kv for kv in base_kv if kv is not None])
+    return aux_out, base_kv
 
 
-def fit_ridge(base, aux, layer_map, chunks, lam=1e-3, progress=None):
+def fit_ridge(base, aux, predictor, chunks, lam=1e-3, progress=None, skip=0):
     """Fit a KVPredictor in closed form.
 
     Args:
         base: edgeprefill.models.Transformer.
         aux: edgeprefill.kvp.aux.AuxModel.
-        layer_map: j_i per base layer.
+        predictor: the KVPredictor to fit (its layer map, input and exact layers set).
         chunks: iterable of token-id lists (each a causal window of fitting text).
         lam: ridge strength relative to the data's scale.
         progress: optional callable(tokens_done) after each chunk.
+        skip: leading positions of each window not fitted (the strategy's exact `sink`).
     Returns:
-        (KVPredictor, tokens used).
+        (predictor, tokens used).
     """
-    acc = RidgeAccumulator(layer_map)
+    acc = RidgeAccumulator(predictor, skip)
     for ids in chunks:
-        acc.add(*collect_pair(base, aux, ids))
+        acc.add(*collect_pair(base, aux, predictor, ids))
         if progress:
             progress(acc.tokens)
-    pred = KVPredictor(layer_map, aux.kv_dim, base.n_kv_heads, base.head_dim)
-    return acc.solve(pred, lam), acc.tokens
+    return acc.solve(lam), acc.tokens

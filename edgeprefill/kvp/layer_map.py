@@ -2,6 +2,8 @@
 
 KVP-LP (layer-pruned copy of the base): LP-0.75 drops every 4th layer, LP-0.50 keeps the even
 layers, LP-0.25 keeps layers 0, 4, 8, ...; a base layer takes the last kept layer at or before it.
+KVP-T (the base's first m layers): base layers below m are the aux's own (exact), deeper ones
+are predicted from the last aux layer.
 KVP-C (a separate smaller model): early aux layers cover two base layers each, late ones map
 one-to-one (28-layer base from 16-layer aux: 0,0,1,1,...,11,11,12,13,14,15).
 """
@@ -29,6 +31,16 @@ def lp_layer_map(n_base, kept):
             j = kept_set[i]
         out.append(max(j, 0))
     return out
+
+
+def truncated_layers(n_base, fraction):
+    """How many leading base layers a truncated aux of `fraction` keeps (at least 1)."""
+    return max(1, min(n_base, round(n_base * fraction)))
+
+
+def truncated_layer_map(n_base, m):
+    """j_i for a truncated aux of m layers: i below m, else the last aux layer."""
+    return [min(i, m - 1) for i in range(n_base)]
 
 
 def compact_layer_map(n_base, n_aux):

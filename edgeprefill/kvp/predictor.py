@@ -1,11 +1,20 @@
-"""The KV predictor: per base layer, one Linear (with bias) for K and one for V.
+"""The KV predictor: per predicted base layer, one Linear (with bias) for K and one for V.
 
-Inputs are the aux layer j_i's pre-RoPE keys / values with its KV heads merged into one vector
-per position; outputs are the base layer i's pre-RoPE (pre-k_norm) keys / values.
+Outputs are base layer i's pre-RoPE (pre-k_norm) keys / values. Inputs, per artifact:
+- 'kv' (the paper): aux layer j_i's pre-RoPE keys / values, KV heads merged per position;
+- 'hidden': the hidden state leaving aux layer j_i, RMS-normalized (no gain). Every layer's K/V
+  is a linear map of its own RMS-normalized input, so this is the natural linear-predictor input
+  when the aux's last hidden state approximates the base's at that depth (KVP-T);
+- 'hidden-in': the same for the hidden state entering aux layer j_i;
+- 'hidden2': both, concatenated (twice the input width).
+Base layers listed as `exact` are not predicted: the aux computed them with the base's own
+weights on the base's own inputs (the leading layers of a truncated aux), so they are copied.
 """
 
 import mlx.core as mx
 import mlx.nn as nn
+
+SOURCES = ("kv", "hidden", "hidden-in", "hidden2")
 
 
 def merge_heads(x):
@@ -20,38 +29,89 @@ def split_heads(x, n_heads):
     return x.reshape(B, L, n_heads, C // n_heads).transpose(0, 2, 1, 3)
 
 
+def hidden_features(h, eps=1e-6):
+    """(B, L, D) hidden states -> the same, RMS-normalized in float32."""
+    h = h.astype(mx.float32)
+    return h * mx.rsqrt(mx.mean(h * h, axis=-1, keepdims=True) + eps)
+
+
+def input_dim(aux, source):
+    """Predictor input width for an aux model and input kind."""
+    if source == "kv":
+        return aux.kv_dim
+    return aux.hidden_size * (2 if source == "hidden2" else 1)
+
+
 class KVPredictor(nn.Module):
-    """Linear maps from aux K/V to base K/V, one pair per base layer.
+    """Linear maps from aux features to base K/V.
 
     Args:
         layer_map: j_i, the aux layer feeding each base layer.
-        aux_dim: aux KV heads * aux head dim.
+        in_dim: input width (aux KV heads * head dim for 'kv', hidden size for 'hidden').
         base_kv_heads, base_head_dim: the base's KV layout.
+        source: 'kv' or 'hidden'.
+        exact: base layers copied from the aux (no Linear).
     """
 
-    def __init__(self, layer_map, aux_dim, base_kv_heads, base_head_dim):
+    def __init__(self, layer_map, in_dim, base_kv_heads, base_head_dim, source="kv", exact=()):
         super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"predictor input must be one of {SOURCES}, got {source!r}")
         self.layer_map = list(layer_map)
+        self.source = source
+        self.exact = sorted(exact)
+        self.predicted = [i for i in range(len(self.layer_map)) if i not in set(self.exact)]
+        self._slot = {i: s for s, i in enumerate(self.predicted)}
         self.base_kv_heads = base_kv_heads
+        self.in_dim = in_dim
         out = base_kv_heads * base_head_dim
-        self.k_proj = [nn.Linear(aux_dim, out, bias=True) for _ in self.layer_map]
-        self.v_proj = [nn.Linear(aux_dim, out, bias=True) for _ in self.layer_map]
+        self.k_proj = [nn.Linear(in_dim, out, bias=True) for _ in self.predicted]
+        self.v_proj = [nn.Linear(in_dim, out, bias=True) for _ in self.predicted]
 
-    def predict(self, i, aux_keys, aux_values):
-        """Base layer i's K/V from aux layer j_i's.
+    def hidden_layers(self):
+        """Aux layers whose output hidden state the predictor reads (-1: the embedding)."""
+        js = {self.layer_map[i] for i in self.predicted}
+        out = set()
+        if self.source in ("hidden", "hidden2"):
+            out |= js
+        if self.source in ("hidden-in", "hidden2"):
+            out |= {j - 1 for j in js}
+        return out
 
-        Args:
-            aux_keys, aux_values: (B, Hkv_A, L, hd_A) pre-RoPE.
-        Returns:
-            keys, values: (B, Hkv_B, L, hd_B) pre-RoPE, pre-k_norm.
-        """
-        k = self.k_proj[i](merge_heads(aux_keys))
-        v = self.v_proj[i](merge_heads(aux_values))
+    def features(self, aux_out, j, skip=0):
+        """(xk, xv), each (B, L - skip, in_dim): the inputs aux layer j gives its base layers."""
+        if self.source != "kv":
+            parts = {"hidden": [j], "hidden-in": [j - 1], "hidden2": [j, j - 1]}[self.source]
+            xs = [hidden_features(aux_out.hidden[a][:, skip:]) for a in parts]
+            x = xs[0] if len(xs) == 1 else mx.concatenate(xs, axis=-1)
+            return x, x
+        k, v = aux_out.kv[j]
+        return merge_heads(k[:, :, skip:]), merge_heads(v[:, :, skip:])
+
+    def predict(self, i, xk, xv):
+        """Base layer i's (keys, values), (B, Hkv_B, L, hd_B) pre-RoPE, from its features."""
+        s = self._slot[i]
+        dt = self.k_proj[s].weight.dtype
+        k = self.k_proj[s](xk.astype(dt))
+        v = self.v_proj[s](xv.astype(dt))
         return split_heads(k, self.base_kv_heads), split_heads(v, self.base_kv_heads)
+
+    def base_kv(self, aux_out, skip=0):
+        """Yield (i, keys, values) for every base layer from one aux forward's output,
+        dropping its first `skip` positions; exact layers are the aux's own K/V."""
+        feats = {}
+        for i, j in enumerate(self.layer_map):
+            if i in self._slot:
+                if j not in feats:
+                    feats[j] = self.features(aux_out, j, skip)
+                yield (i, *self.predict(i, *feats[j]))
+            else:
+                k, v = aux_out.kv[j]
+                yield i, k[:, :, skip:], v[:, :, skip:]
 
     @classmethod
     def identity(cls, layer_map, kv_heads, head_dim, dtype=mx.float32):
-        """A predictor that copies K/V (aux and base of the same KV layout)."""
+        """A 'kv' predictor that copies K/V (aux and base of the same KV layout)."""
         pred = cls(layer_map, kv_heads * head_dim, kv_heads, head_dim)
         eye = mx.eye(kv_heads * head_dim, dtype=dtype)
         for lin in pred.k_proj + pred.v_proj:

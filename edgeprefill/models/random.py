@@ -96,3 +96,31 @@ def random_model_folder(path, family="llama", shape="tiny", seed=0, quantize_bit
         save_config(config, tmp / "config.json")
         write_tokenizer(tmp, config["vocab_size"])
     return path
+
+
+def load_random(shape, family="llama", dtype="float32", seed=0):
+    """A LoadedModel of random weights in memory (nothing written but a small tokenizer), for
+    speed-only benchmarks of real shapes: `load_random('llama-8b', dtype='bfloat16')`."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+    from mlx_lm.utils import _get_classes, load_tokenizer
+
+    from edgeprefill.errors import EdgeprefillError
+    from edgeprefill.loading import LoadedModel, cache_dir
+    from edgeprefill.models import Transformer
+
+    if shape not in SHAPES:
+        raise EdgeprefillError(f"unknown --shape '{shape}': choose one of {', '.join(SHAPES)}")
+    config = make_config(family, shape)
+    model_cls, args_cls = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_cls(args_cls.from_dict(config))
+    model.update(tree_map(lambda p: (p * 0.5).astype(getattr(mx, dtype)), model.parameters()))
+    mx.eval(model.parameters())
+    tok_dir = cache_dir() / "random-tokenizers" / str(min(config["vocab_size"], 4096))
+    if not (tok_dir / "tokenizer.json").is_file():
+        with atomic_folder(tok_dir) as tmp:
+            write_tokenizer(tmp, min(config["vocab_size"], 4096))
+    tokenizer = load_tokenizer(tok_dir)
+    return LoadedModel(Transformer(model, config), tokenizer, config, tok_dir,
+                       f"random:{family}-{shape}")

@@ -9,15 +9,16 @@ stats: PrefillStats.
 """
 
 from edgeprefill.errors import EdgeprefillError
+from edgeprefill.prefill.aux_only import AuxOnly
 from edgeprefill.prefill.base import PrefillStats, PromptCache
 from edgeprefill.prefill.full import FullPrefill
 from edgeprefill.prefill.kv_prediction import KVPrediction
 
-STRATEGIES = {"full": FullPrefill, "kvp": KVPrediction}
+STRATEGIES = {"full": FullPrefill, "kvp": KVPrediction, "aux-only": AuxOnly}
 
 
-def make_kvp(model, artifact=None, **options):
-    """KV Prediction from an artifact folder (checked against `model`)."""
+def make_kvp(model, artifact=None, aux_only=False, **options):
+    """KV Prediction (or its aux alone) from an artifact folder (checked against `model`)."""
     from pathlib import Path
 
     from edgeprefill.kvp.artifact import load_artifact
@@ -26,17 +27,20 @@ def make_kvp(model, artifact=None, **options):
         raise EdgeprefillError(
             f"no KV Prediction artifact at {artifact}: run `edgeprefill kvp fit` (or "
             "`make kvp-default` for the default model) or pass --kvp FOLDER")
-    aux, predictor, _ = load_artifact(artifact, model)
+    aux, predictor, card = load_artifact(artifact, model)
+    if aux_only:
+        return AuxOnly(model, aux, **options)
+    options.setdefault("tail", card.get("tail", 1))
     return KVPrediction(model, aux, predictor, **options)
 
 
 def make_strategy(name, model, **options):
     """Build the named prefill strategy over a Transformer.
 
-    kvp takes `artifact` (a folder made by `edgeprefill kvp fit`).
+    kvp and aux-only take `artifact` (a folder made by `edgeprefill kvp fit`).
     """
-    if name == "kvp":
-        return make_kvp(model, **options)
+    if name in ("kvp", "aux-only"):
+        return make_kvp(model, aux_only=name == "aux-only", **options)
     if name not in STRATEGIES:
         raise EdgeprefillError(
             f"unknown strategy '{name}': choose one of {', '.join(sorted(STRATEGIES))}")

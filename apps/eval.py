@@ -1,0 +1,74 @@
+"""`edgeprefill eval`: a strategy's quality against the base's exact prefill on held-out pairs."""
+
+import json
+import sys
+
+from edgeprefill.errors import EdgeprefillError
+
+
+def add_parser(sub):
+    from apps.generate import add_model_args
+
+    p = sub.add_parser("eval", help="quality of prefill strategies vs the exact prefill")
+    add_model_args(p)
+    p.add_argument("--strategy", default="kvp",
+                   help="strategy, or a comma list: full, kvp, aux-only, lazy (default kvp)")
+    p.add_argument("--kvp", default=None, metavar="FOLDER",
+                   help="KV Prediction artifact for kvp / aux-only (default: the default pair)")
+    p.add_argument("--data", default=None, metavar="FILE.jsonl",
+                   help='{"prompt", "continuation"} lines (default: 40 built-in held-out pairs '
+                   "of code and prose, ~384-token prompts)")
+    p.add_argument("--pairs", type=int, default=40, help="most pairs to evaluate")
+    p.add_argument("--greedy-tokens", type=int, default=16,
+                   help="length of the base's greedy continuation to match")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run)
+
+
+def run(args):
+    from rich.console import Console
+    from rich.table import Table
+
+    from apps.bench import parse_list
+    from apps.generate import strategy_options
+    from apps.kvp import builtin_refs, evaluate_refs
+    from edgeprefill.flops import flops_options, strategy_flops
+    from edgeprefill.loading import load
+    from edgeprefill.prefill import make_strategy
+
+    names = parse_list(args.strategy, str, "--strategy")
+    if args.pairs < 1 or args.greedy_tokens < 1:
+        raise EdgeprefillError("--pairs and --greedy-tokens must be >= 1")
+    lm = load(args.model, dtype=args.dtype)
+    console = Console(stderr=True)
+    strategies = [make_strategy(n, lm.model, **strategy_options(args, lm, n)) for n in names]
+    refs = builtin_refs(lm, args.pairs, console, args.data, args.greedy_tokens)
+    n_prompt = round(sum(len(r.prompt) for r in refs) / len(refs))
+    results = []
+    for name, strategy in zip(names, strategies):
+        q = evaluate_refs(lm, strategy, refs, console, f"evaluating {name}")
+        fl = strategy_flops(name, lm.config, n_prompt, **flops_options(strategy))
+        full = strategy_flops("full", lm.config, n_prompt)
+        aux = getattr(strategy, "aux", None)
+        results.append({"strategy": name, "aux": aux.kind if aux else None,
+                        "ttft_flops": fl, "flops_ratio": fl / full if fl else None, **q})
+    payload = {"model": lm.model_id, "data": args.data or "built-in held-out pairs",
+               "prompt_tokens_mean": n_prompt, "results": results}
+    if args.json:
+        print(json.dumps(payload, indent=2))
+        return 0
+    table = Table(title=f"quality vs exact prefill, {lm.model_id}, {len(refs)} pairs, "
+                        f"~{n_prompt}-token prompts")
+    for col in ("strategy", "aux", "FLOPs x", "TTFT ms", "exact ms", "agree", "KL",
+                "NLL", "NLL exact", "NLL x", f"greedy /{args.greedy_tokens}"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(r["strategy"], r["aux"] or "-",
+                      f"{r['flops_ratio']:.2f}" if r["flops_ratio"] else "-",
+                      f"{r['ttft_s'] * 1e3:.0f}", f"{r['ttft_exact_s'] * 1e3:.0f}",
+                      f"{r['first_token_agreement']:.2f}", f"{r['first_token_kl']:.3f}",
+                      f"{r['nll']:.3f}", f"{r['nll_exact']:.3f}", f"{r['nll_ratio']:.3f}",
+                      f"{r['greedy_match']:.1f}")
+    Console().print(table)
+    sys.stdout.flush()
+    return 0

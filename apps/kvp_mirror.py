@@ -1,0 +1,60 @@
+"""`kvp train --backend mirror`: move a pair to the torch mirror, train there, bring it back."""
+
+
+def mirror_trainer(base, aux, pred, windows, train_aux, device, hp):
+    """(torch Trainer, torch aux) for an MLX base / aux / predictor."""
+    import torch
+
+    from edgeprefill.errors import EdgeprefillError
+    from edgeprefill.mirror.kvp.aux import AuxModel
+    from edgeprefill.mirror.kvp.predictor import predictor_to_torch
+    from edgeprefill.mirror.kvp.train import Trainer, trainable_aux
+    from edgeprefill.mirror.loading import mirror_from_mlx
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EdgeprefillError("--device cuda but torch sees no CUDA GPU: use --device cpu")
+    if aux.model is not base and not hasattr(aux.model, "copied"):
+        raise EdgeprefillError("the mirror trainer supports auxes made of the base's blocks "
+                               "(LP, T); train KVP-C with --backend mlx")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    tbase = mirror_from_mlx(base, device=device)
+    taux = AuxModel(tbase, aux.layers, aux.kind)
+    if hasattr(aux.model, "copied"):  # an --init artifact with trained aux blocks
+        taux = trainable_aux(taux)
+        _load_aux_copies(taux, aux)
+    elif train_aux:
+        taux = trainable_aux(taux)
+    tpred = predictor_to_torch(pred, device=device)
+    return Trainer(tbase, taux, tpred, windows, device=device, **hp), taux
+
+
+def _load_aux_copies(taux, aux):
+    import mlx.core as mx
+    import numpy as np
+    import torch
+
+    for name, w in aux.model.aux_weights().items():
+        _, k, rest = name.split(".", 2)
+        dst = dict(taux.model.copies[k].named_parameters())[rest]
+        with torch.no_grad():
+            dst.copy_(torch.from_numpy(np.array(w.astype(mx.float32))))
+
+
+def export_trained(trainer, base, aux, pred, train_aux):
+    """(MLX predictor, aux weights dict or None, MLX aux for evaluation) from a torch trainer."""
+    import mlx.core as mx
+
+    from edgeprefill.kvp.train import trainable_aux
+    from edgeprefill.mirror.kvp.predictor import predictor_state_to_mlx
+    from edgeprefill.mirror.kvp.train import AuxView
+
+    predictor_state_to_mlx(trainer.predictor, pred)
+    view = trainer.aux.model
+    if not isinstance(view, AuxView):
+        return pred, None, aux
+    weights = {k: mx.array(v.detach().float().cpu().numpy())
+               for k, v in view.aux_weights().items()}
+    mlx_aux = aux if hasattr(aux.model, "copied") else trainable_aux(aux)
+    mlx_aux.model.load_aux_weights(weights)
+    return pred, weights, mlx_aux

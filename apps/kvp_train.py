@@ -1,0 +1,159 @@
+"""`edgeprefill kvp train`: gradient training of a KV Prediction pair (the paper's loss), on
+MLX or on the torch mirror (CPU or an NVIDIA GPU), with resumable checkpoints."""
+
+import json
+from pathlib import Path
+
+from edgeprefill.errors import EdgeprefillError
+
+
+def add_train_parser(ksub):
+    from apps.generate import add_model_args
+    from apps.kvp import DEFAULT_AUX
+
+    t = ksub.add_parser("train", help="train predictor (and aux) with the paper's loss")
+    add_model_args(t)
+    t.add_argument("--aux", default=DEFAULT_AUX, help="aux kind (LP-0.50, T-0.25, ...)")
+    t.add_argument("--input", default="auto", choices=["auto", "kv", "hidden", "hidden-in",
+                                                      "hidden2"],
+                   help="predictor input (auto: hidden for T, kv for LP)")
+    t.add_argument("--init", default=None, metavar="FOLDER",
+                   help="start from this artifact's predictor (default: a ridge fit first)")
+    t.add_argument("--train-aux", default="auto", choices=["auto", "yes", "no"],
+                   help="train copies of the aux's blocks too (auto: yes for LP, no for T, "
+                   "whose aux is the base's own exact layers)")
+    t.add_argument("--steps", type=int, default=200)
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--seq", type=int, default=256, help="tokens per training sequence")
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--warmup", type=int, default=20)
+    t.add_argument("--tokens", type=int, default=300000,
+                   help="fitting text to sample training windows from")
+    t.add_argument("--ridge-tokens", type=int, default=30000)
+    t.add_argument("--tail", type=int, default=1, help="exact tail recorded in the card")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--backend", default="mlx", choices=["mlx", "mirror"])
+    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="mirror backend device")
+    t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--resume", action="store_true",
+                   help="continue from OUT.ckpt (written every --checkpoint-every steps)")
+    t.add_argument("--eval-pairs", type=int, default=16,
+                   help="held-out pairs to measure quality on for the card (0: skip)")
+    t.add_argument("--out", default=None, help="artifact folder (default: the cache path of "
+                   "this aux kind, '-trained' appended)")
+    t.set_defaults(run=run_train)
+
+
+def _check(args):
+    if args.steps < 1 or args.batch < 1 or args.seq < 8 or args.lr <= 0:
+        raise EdgeprefillError("--steps and --batch must be >= 1, --seq >= 8, --lr > 0")
+    if args.tokens < args.seq + 1:
+        raise EdgeprefillError("--tokens must be larger than --seq")
+
+
+def run_train(args):
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from apps.kvp import (build_predictor, builtin_refs, default_artifact_path, evaluate_refs,
+                          make_kvp_strategy, resolve_source)
+    from edgeprefill.data import FIT_DATA, fit_chunks
+    from edgeprefill.kvp.artifact import load_artifact, save_artifact
+    from edgeprefill.kvp.aux import parse_aux_kind
+    from edgeprefill.kvp.fit import fit_ridge
+    from edgeprefill.loading import load
+
+    _check(args)
+    kind, _ = parse_aux_kind(args.aux)
+    source = resolve_source(args.aux, args.input)
+    train_aux = args.train_aux == "yes" or (args.train_aux == "auto" and kind != "T")
+    lm = load(args.model, dtype=args.dtype)
+    base = lm.model
+    console = Console(stderr=True)
+    out = Path(args.out) if args.out else Path(
+        str(default_artifact_path(lm.model_id, args.aux, source)) + "-trained")
+    ckpt = Path(str(out) + ".ckpt")
+    if args.resume and not (ckpt / "state.json").is_file():
+        raise EdgeprefillError(f"--resume but no checkpoint at {ckpt}: run without --resume")
+
+    aux, pred = build_predictor(base, args.aux, source)
+    if args.init:
+        init_aux, pred, card = load_artifact(args.init, base)
+        if init_aux.kind != aux.kind or pred.source != source:
+            raise EdgeprefillError(f"--init artifact is {init_aux.kind}/{pred.source}, not "
+                                   f"{aux.kind}/{source}: pick a matching one")
+        aux = init_aux
+    elif not args.resume:
+        chunks = fit_chunks(lm.tokenizer, args.ridge_tokens, 256)
+        with Progress(TextColumn("ridge init {task.description}"), BarColumn(),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task(aux.kind, total=sum(len(c) for c in chunks))
+            pred, _ = fit_ridge(base, aux, pred, chunks,
+                                progress=lambda d: bar.update(task, completed=d))
+    windows = fit_chunks(lm.tokenizer, args.tokens, args.seq + 1)
+    if len(windows) < 2:
+        raise EdgeprefillError("too little fitting text for these --tokens/--seq")
+
+    log_path = Path(str(out) + ".train.jsonl")
+    hp = dict(batch=args.batch, steps=args.steps, lr=args.lr, warmup=args.warmup,
+              seed=args.seed)
+    if args.backend == "mlx":
+        from edgeprefill.kvp.train import Trainer, trainable_aux
+
+        t_aux = trainable_aux(aux) if train_aux and not hasattr(aux.model, "copied") else aux
+        trainer = Trainer(base, t_aux, pred, windows, **hp)
+    else:
+        from apps.kvp_mirror import mirror_trainer
+
+        trainer, t_aux = mirror_trainer(base, aux, pred, windows, train_aux, args.device, hp)
+    if args.resume:
+        trainer.load_checkpoint(ckpt)
+        console.print(f"resumed from {ckpt} at step {trainer.step}")
+    if not args.resume and log_path.exists():
+        log_path.unlink()
+    lines = []
+
+    with Progress(TextColumn("training {task.description}"), BarColumn(),
+                  TextColumn("step {task.completed}/{task.total}"), TextColumn("{task.fields[loss]}"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(f"{aux.kind} ({source})", total=args.steps,
+                            completed=trainer.step, loss="")
+
+        def log(rec):
+            lines.append(json.dumps(rec))
+            bar.update(task, completed=rec["step"],
+                       loss=f"loss {rec['loss']:.3f} (base CE {rec['ce_base']:.3f}, aux CE "
+                            f"{rec['ce_aux']:.3f}, L1 {rec['l1']:.4f})")
+            if rec["step"] % args.checkpoint_every == 0 or rec["step"] == args.steps:
+                with open(log_path, "a") as f:  # the loss log grows with the checkpoints
+                    f.write("".join(x + "\n" for x in lines))
+                lines.clear()
+
+        trainer.run(log=log, checkpoint=ckpt, every=args.checkpoint_every)
+
+    if args.backend == "mirror":
+        from apps.kvp_mirror import export_trained
+
+        pred, aux_weights, q_aux = export_trained(trainer, base, aux, pred, train_aux)
+    else:
+        aux_weights = t_aux.model.aux_weights() if hasattr(t_aux.model, "copied") else None
+        q_aux = t_aux
+    quality = {}
+    if args.eval_pairs > 0:
+        refs = builtin_refs(lm, args.eval_pairs, console)
+        strategy = make_kvp_strategy(base, q_aux, pred)
+        strategy.tail = args.tail
+        quality = evaluate_refs(lm, strategy, refs, console, "evaluating")
+        quality["data"] = "built-in held-out pairs"
+    fit_info = {"method": "ridge+gradient" if not args.init else "gradient",
+                "backend": args.backend if args.backend == "mlx" else f"mirror-{args.device}",
+                "steps": trainer.step, "batch": args.batch, "seq": args.seq, "lr": args.lr,
+                "tokens_seen": trainer.step * args.batch * args.seq,
+                "train_aux": train_aux, "data": FIT_DATA, "log": str(log_path)}
+    save_artifact(out, pred, aux, base, lm.model_id, fit_info, quality, tail=args.tail,
+                  aux_weights=aux_weights)
+    q = (f"; held-out agreement {quality['first_token_agreement']:.2f}, NLL ratio "
+         f"{quality['nll_ratio']:.2f}" if quality else "")
+    console.print(f"wrote {out} ({aux.kind}, {source}, {trainer.step} steps{q})")
+    return 0

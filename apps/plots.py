@@ -1,0 +1,82 @@
+"""PNG figures for `bench --plot` and `kvp sweep --plot` (matplotlib, no display needed)."""
+
+from pathlib import Path
+
+
+def _figure(ncols):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.5), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def _save(plt, fig, path):
+    """Write the PNG atomically."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def bench_plot(records, path, title):
+    """Two panels: TTFT vs prompt length per strategy; first-token agreement vs TTFT (the
+    Pareto view, one point per strategy and length)."""
+    plt, fig, (ax1, ax2) = _figure(2)
+    for s in dict.fromkeys(r["strategy"] for r in records):
+        rows = sorted((r for r in records if r["strategy"] == s), key=lambda r: r["prompt_tokens"])
+        x = [r["prompt_tokens"] for r in rows]
+        ax1.errorbar(x, [r["ttft_s"] for r in rows], fmt="o-", label=s, capsize=3,
+                     yerr=[[r["ttft_s"] - r["ttft_min_s"] for r in rows],
+                           [r["ttft_max_s"] - r["ttft_s"] for r in rows]])
+        ax2.plot([r["ttft_s"] for r in rows], [r["first_token_agreement"] for r in rows], "o",
+                 label=s)
+        for r in rows:
+            ax2.annotate(str(r["prompt_tokens"]), (r["ttft_s"], r["first_token_agreement"]),
+                         fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax1.set(xlabel="prompt tokens", ylabel="TTFT (s), median, min-max", title="TTFT")
+    ax2.set(xlabel="TTFT (s)", ylabel="first-token agreement with full prefill",
+            title="quality vs TTFT (labels: prompt tokens)", ylim=(-0.05, 1.05))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _save(plt, fig, path)
+
+
+def pareto_plot(records, path, title):
+    """Two panels over TTFT FLOPs (fraction of full): first-token agreement and NLL ratio."""
+    plt, fig, (ax1, ax2) = _figure(2)
+    groups = {}
+    for r in records:
+        key = r["strategy"] if r["strategy"] != "kvp" else f"kvp ({r['predictor_input']})"
+        groups.setdefault(key, []).append(r)
+    for key, rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["flops_ratio"])
+        x = [r["flops_ratio"] for r in rows]
+        for ax, field in ((ax1, "first_token_agreement"), (ax2, "nll_ratio")):
+            ax.plot(x, [r[field] for r in rows], "o-" if len(rows) > 1 else "o", label=key)
+            for r in rows:
+                ax.annotate(r["aux"], (r["flops_ratio"], r[field]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+    ax1.set(xlabel="TTFT FLOPs / full prefill", ylabel="first-token agreement",
+            ylim=(-0.05, 1.05), title="agreement with the base (higher is better)")
+    ax2.set(xlabel="TTFT FLOPs / full prefill", ylabel="continuation NLL / exact",
+            title="continuation NLL ratio (lower is better)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    _save(plt, fig, path)

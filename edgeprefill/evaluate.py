@@ -1,0 +1,109 @@
+"""Quality of a prefill strategy against the base model's exact prefill.
+
+For each (prompt, continuation) pair, against the base's exact (full) prefill of the prompt:
+- first-token top-1 agreement and KL(base || strategy) of the first-token distributions;
+- teacher-forced continuation NLL (mean nats per continuation token), decoding the continuation
+  with the strategy's cache, and the ratio of its mean to the exact prefill's;
+- greedy match: how many of the base's greedy tokens the strategy's cache reproduces before
+  the first disagreement (teacher-forced on the base's greedy sequence, so one forward call).
+The exact reference is computed once per pair and reused across strategies (`reference`).
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+from edgeprefill.prefill.full import FullPrefill
+
+
+def log_softmax(x):
+    """Log-probabilities over the last axis (numpy float64)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def kl_divergence(p_logits, q_logits):
+    """KL(p || q) of two (V,) logit vectors, p the base."""
+    lp, lq = log_softmax(p_logits), log_softmax(q_logits)
+    return float((np.exp(lp) * (lp - lq)).sum())
+
+
+@dataclass
+class Reference:
+    """The base's exact results on one pair."""
+
+    prompt: list
+    continuation: list
+    first_logits: np.ndarray
+    nll: float
+    greedy: list
+    ttft_s: float
+
+
+def continuation_logits(forward, cache, first_logits, tokens):
+    """(len(tokens), V) logits predicting `tokens` after a prefill, teacher-forced; the cache
+    is trimmed back afterwards so it can be reused."""
+    rows = [np.asarray(first_logits, dtype=np.float32)[None]]
+    if len(tokens) > 1:
+        out = forward(mx.array(tokens[:-1], dtype=mx.int32)[None], cache)[0]
+        rows.append(np.array(out.astype(mx.float32)))
+        for c in cache:
+            c.trim(len(tokens) - 1)
+    return np.concatenate(rows)
+
+
+def mean_nll(logits, tokens):
+    lp = log_softmax(logits)
+    return float(-lp[np.arange(len(tokens)), tokens].mean())
+
+
+def reference(model, prompt, continuation, greedy_tokens=16):
+    """Reference for one pair (token-id lists) from the base's exact prefill."""
+    cache, logits, stats = FullPrefill(model).prefill(prompt)
+    first = np.array(logits)
+    nll = mean_nll(continuation_logits(model, cache, first, continuation), continuation)
+    greedy = [int(first.argmax())]
+    for _ in range(greedy_tokens - 1):
+        out = model(mx.array([[greedy[-1]]], dtype=mx.int32), cache)
+        greedy.append(int(mx.argmax(out[0, -1]).item()))
+    return Reference(prompt, continuation, first, nll, greedy, stats.ttft_s)
+
+
+def score(model, strategy, ref):
+    """Per-pair metrics of `strategy` against a Reference."""
+    cache, logits, stats = strategy.prefill(ref.prompt)
+    first = np.array(logits)
+    forward = getattr(strategy, "forward", model)
+    nll = mean_nll(continuation_logits(forward, cache, first, ref.continuation), ref.continuation)
+    pred = continuation_logits(forward, cache, first, ref.greedy).argmax(axis=-1)
+    match = 0
+    while match < len(ref.greedy) and pred[match] == ref.greedy[match]:
+        match += 1
+    return {"agree": float(first.argmax() == ref.first_logits.argmax()),
+            "kl": kl_divergence(ref.first_logits, first), "nll": nll, "nll_exact": ref.nll,
+            "greedy_match": match, "ttft_s": stats.ttft_s, "ttft_exact_s": ref.ttft_s}
+
+
+def summarize(rows, greedy_tokens):
+    """Mean metrics over pairs (the record `edgeprefill eval` prints)."""
+    mean = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
+    nll, nll_exact = mean("nll"), mean("nll_exact")
+    return {"pairs": len(rows), "first_token_agreement": mean("agree"),
+            "first_token_kl": mean("kl"), "nll": nll, "nll_exact": nll_exact,
+            "nll_ratio": nll / nll_exact if nll_exact > 0 else float("nan"),
+            "greedy_match": mean("greedy_match"), "greedy_tokens": greedy_tokens,
+            "ttft_s": mean("ttft_s"), "ttft_exact_s": mean("ttft_exact_s")}
+
+
+def tokenize_pairs(tokenizer, rows):
+    """[(prompt ids, continuation ids)] for {"prompt", "continuation"} rows (raw text, no chat
+    template: the continuation is the text that follows the prompt)."""
+    out = []
+    for row in rows:
+        p = list(tokenizer.encode(row["prompt"]))
+        c = list(tokenizer.encode(row["continuation"], add_special_tokens=False))
+        if p and c:
+            out.append((p, c))
+    return out

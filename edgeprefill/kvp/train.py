@@ -1,0 +1,184 @@
+"""Gradient training of a KV Prediction pair with the paper's loss (MLX).
+
+    loss = CE(base logits, K/V of every base layer REPLACED by the predictions, causal)
+         + CE(aux logits)
+         + w_kv * sum_i [ L1(K_hat_i, K_i) + L1(V_hat_i, V_i) ],   w_kv = 1 / n_base_layers
+
+K_i, V_i are the frozen base's own pre-RoPE K/V on the same text (keys compared after the base's
+k_norm where it has one). The base is frozen; the predictor is trained, and the aux's blocks too
+when `train_aux` (then the aux becomes a copy of the base's blocks, saved in the artifact; a
+truncated aux is by default left as the base's own layers, so it costs no extra memory and its
+K/V stay exact). The tied embedding / LM head the aux shares with the base stays frozen.
+Training starts from whatever the predictor holds (normally the ridge solution).
+"""
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from edgeprefill.fsio import atomic_folder
+from edgeprefill.kvp.aux import AuxModel
+
+
+class AuxView:
+    """A Transformer whose blocks `layers` are trainable copies; everything else (embedding,
+    head, the other blocks) is the base's. Same API as edgeprefill.models.Transformer."""
+
+    def __init__(self, base, layers):
+        self._base = base
+        self.layers = list(base.layers)
+        for k in layers:
+            self.layers[k] = copy.deepcopy(base.layers[k])
+        self.copied = list(layers)
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+    def block(self, i, h, **kwargs):
+        return type(self._base).block(self, i, h, **kwargs)
+
+    def rotate_keys(self, i, keys, offset=0, positions=None):
+        return type(self._base).rotate_keys(self, i, keys, offset, positions)
+
+    def aux_weights(self):
+        """{'layers.<k>.<param>': array} of the copied blocks."""
+        out = {}
+        for k in self.copied:
+            for name, w in tree_flatten(self.layers[k].parameters()):
+                out[f"layers.{k}.{name}"] = w
+        return out
+
+    def load_aux_weights(self, weights):
+        for k in self.copied:
+            prefix = f"layers.{k}."
+            items = [(n[len(prefix):], w) for n, w in weights.items() if n.startswith(prefix)]
+            self.layers[k].load_weights(items, strict=True)
+
+
+def trainable_aux(aux):
+    """An AuxModel over trainable copies of `aux`'s blocks (for LP, T or C auxes)."""
+    view = AuxView(aux.model, aux.layers)
+    return AuxModel(view, aux.layers, aux.kind)
+
+
+class Trainable(nn.Module):
+    """What the optimizer updates: the predictor, and the aux's copied blocks if any."""
+
+    def __init__(self, predictor, aux):
+        super().__init__()
+        self.predictor = predictor
+        view = aux.model
+        self.aux_blocks = [view.layers[k] for k in getattr(view, "copied", [])]
+
+
+def loss_terms(base, aux, predictor, x, y):
+    """(total, base CE, aux CE, mean per-layer L1) for (B, L) inputs x and targets y."""
+    h = base.embed(x)
+    true = []
+    for i in range(base.n_layers):
+        out = base.block(i, h)
+        h = out.h
+        true.append((mx.stop_gradient(out.keys), mx.stop_gradient(out.values)))
+    aux_out = aux.forward(x, None, predictor.hidden_layers())
+    hb = base.embed(x)
+    l1 = 0.0
+    for i, k, v in predictor.base_kv(aux_out):
+        tk, tv = true[i]
+        if base.has_qk_norm:
+            kn = base.layers[i].self_attn.k_norm
+            k_cmp, tk = kn(k), kn(tk)
+        else:
+            k_cmp = k
+        l1 = l1 + mx.abs(k_cmp - tk).mean() + mx.abs(v - tv).mean()
+        hb = base.block(i, hb, replace_kv=(k.astype(hb.dtype), v.astype(hb.dtype))).h
+    ce_base = nn.losses.cross_entropy(base.head(hb).astype(mx.float32), y).mean()
+    ce_aux = nn.losses.cross_entropy(aux.logits(aux_out.h).astype(mx.float32), y).mean()
+    l1 = l1 / base.n_layers
+    return ce_base + ce_aux + l1, ce_base, ce_aux, l1
+
+
+def lr_schedule(lr, steps, warmup):
+    """Linear warm-up, then cosine from lr to lr / 10 (the paper's 1.2e-3 -> 1.2e-4 shape)."""
+    warm = optim.linear_schedule(lr / 100, lr, max(1, warmup))
+    cos = optim.cosine_decay(lr, max(1, steps - warmup), lr / 10)
+    return optim.join_schedules([warm, cos], [max(1, warmup)])
+
+
+class Trainer:
+    """Runs the optimization with resumable checkpoints.
+
+    Args:
+        base: frozen edgeprefill.models.Transformer.
+        aux: AuxModel (from trainable_aux when the aux is trained).
+        predictor: KVPredictor, initialized (normally by ridge).
+        windows: list of token-id lists of length seq + 1.
+        batch, steps, lr, warmup, weight_decay, clip: the optimization.
+        seed: batch sampling seed.
+    """
+
+    def __init__(self, base, aux, predictor, windows, batch=8, steps=200, lr=3e-4, warmup=20,
+                 weight_decay=0.1, clip=1.0, seed=0):
+        self.base, self.aux, self.predictor = base, aux, predictor
+        self.data = np.array(windows, dtype=np.int32)
+        self.batch, self.steps, self.clip, self.seed = batch, steps, clip, seed
+        self.params = Trainable(predictor, aux)
+        self.opt = optim.AdamW(learning_rate=lr_schedule(lr, steps, warmup), betas=[0.9, 0.95],
+                               weight_decay=weight_decay)
+        self.step = 0
+        self._grad = nn.value_and_grad(self.params, self._loss)
+
+    def _loss(self, x, y):
+        return loss_terms(self.base, self.aux, self.predictor, x, y)
+
+    def batch_at(self, step):
+        rng = np.random.default_rng((self.seed, step))
+        rows = self.data[rng.integers(0, len(self.data), size=self.batch)]
+        return mx.array(rows[:, :-1]), mx.array(rows[:, 1:])
+
+    def train_step(self):
+        x, y = self.batch_at(self.step)
+        (total, ce_b, ce_a, l1), grads = self._grad(x, y)
+        grads, norm = optim.clip_grad_norm(grads, self.clip)
+        self.opt.update(self.params, grads)
+        mx.eval(self.params.parameters(), self.opt.state, total, ce_b, ce_a, l1, norm)
+        self.step += 1
+        return {"step": self.step, "loss": total.item(), "ce_base": ce_b.item(),
+                "ce_aux": ce_a.item(), "l1": l1.item(), "grad_norm": norm.item(),
+                "lr": float(self.opt.learning_rate.item())}
+
+    def save_checkpoint(self, path):
+        """Trainable weights, optimizer state and step, atomically."""
+        with atomic_folder(path) as tmp:
+            mx.save_safetensors(str(tmp / "params.safetensors"),
+                                dict(tree_flatten(self.params.parameters())))
+            state = {k: v for k, v in tree_flatten(self.opt.state) if isinstance(v, mx.array)}
+            mx.save_safetensors(str(tmp / "optimizer.safetensors"), state)
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "seed": self.seed}))
+
+    def load_checkpoint(self, path):
+        path = Path(path)
+        self.params.load_weights(list(mx.load(str(path / "params.safetensors")).items()))
+        state = mx.load(str(path / "optimizer.safetensors"))
+        self.opt.state = tree_unflatten(list(state.items()))
+        self.step = json.loads((path / "state.json").read_text())["step"]
+
+    def run(self, log=None, checkpoint=None, every=50):
+        """Train to `steps`; log(record) per step; checkpoint every `every` steps and at the end."""
+        start = time.perf_counter()
+        while self.step < self.steps:
+            rec = self.train_step()
+            rec["elapsed_s"] = time.perf_counter() - start
+            if not all(math.isfinite(rec[k]) for k in ("loss", "grad_norm")):
+                raise FloatingPointError(f"loss became {rec['loss']} at step {rec['step']}")
+            if log:
+                log(rec)
+            if checkpoint and (self.step % every == 0 or self.step == self.steps):
+                self.save_checkpoint(checkpoint)

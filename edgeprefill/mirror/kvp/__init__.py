@@ -1,0 +1,1 @@
+"""Torch mirror of edgeprefill.kvp: aux models, predictor, training (for NVIDIA GPUs)."""

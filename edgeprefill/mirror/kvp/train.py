@@ -1,0 +1,164 @@
+"""Torch mirror of edgeprefill.kvp.train: the paper's loss and a resumable trainer, so KV
+Prediction can be trained on an NVIDIA GPU. Same loss terms, schedule and checkpoint contents
+(as torch files) as the MLX trainer."""
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgeprefill.fsio import atomic_folder
+from edgeprefill.mirror.kvp.aux import AuxModel
+
+
+class AuxView(torch.nn.Module):
+    """A mirror Transformer whose blocks `layers` are trainable copies; the rest is the base's."""
+
+    def __init__(self, base, layers):
+        super().__init__()
+        self.copies = torch.nn.ModuleDict(
+            {str(k): copy.deepcopy(base.model.layers[k]).requires_grad_(True) for k in layers})
+        object.__setattr__(self, "_base", base)
+        self.copied = list(layers)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_base"), name)
+
+    def block(self, i, h, **kwargs):
+        base = self._base
+        if str(i) not in self.copies:
+            return base.block(i, h, **kwargs)
+        layers = base.model.layers
+        saved = layers[i]
+        layers[i] = self.copies[str(i)]
+        try:
+            return base.block(i, h, **kwargs)
+        finally:
+            layers[i] = saved
+
+    def aux_weights(self):
+        return {f"layers.{k}.{n}": p for k in self.copied
+                for n, p in self.copies[str(k)].state_dict().items()}
+
+
+def trainable_aux(aux):
+    return AuxModel(AuxView(aux.model, aux.layers), aux.layers, aux.kind)
+
+
+def loss_terms(base, aux, predictor, x, y):
+    """(total, base CE, aux CE, mean per-layer L1), as the MLX loss_terms."""
+    with torch.no_grad():
+        h = base.embed(x)
+        true = []
+        for i in range(base.n_layers):
+            out = base.block(i, h)
+            h = out.h
+            true.append((out.keys, out.values))
+    aux_out = aux.forward(x, None, predictor.hidden_layers())
+    hb = base.embed(x)
+    l1 = 0.0
+    for i, k, v in predictor.base_kv(aux_out):
+        tk, tv = true[i]
+        if base.has_qk_norm:
+            kn = base.model.layers[i].self_attn.k_norm
+            k_cmp, tk = kn(k), kn(tk)
+        else:
+            k_cmp = k
+        l1 = l1 + (k_cmp.float() - tk.float()).abs().mean() + (v.float() - tv.float()).abs().mean()
+        hb = base.block(i, hb, replace_kv=(k.to(hb.dtype), v.to(hb.dtype))).h
+    V = base.vocab_size
+    ce_base = F.cross_entropy(base.head(hb).float().reshape(-1, V), y.reshape(-1))
+    ce_aux = F.cross_entropy(aux.logits(aux_out.h).float().reshape(-1, V), y.reshape(-1))
+    l1 = l1 / base.n_layers
+    return ce_base + ce_aux + l1, ce_base, ce_aux, l1
+
+
+def lr_at(step, lr, steps, warmup):
+    """The MLX schedule: linear warm-up from lr/100, then cosine to lr/10."""
+    warmup = max(1, warmup)
+    if step < warmup:
+        return lr / 100 + (lr - lr / 100) * step / warmup
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr / 10 + (lr - lr / 10) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class Trainer:
+    """Arguments as edgeprefill.kvp.train.Trainer; tensors live on `device`."""
+
+    def __init__(self, base, aux, predictor, windows, batch=8, steps=200, lr=3e-4, warmup=20,
+                 weight_decay=0.1, clip=1.0, seed=0, device="cpu"):
+        self.base, self.aux, self.predictor = base, aux, predictor
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.data = np.array(windows, dtype=np.int64)
+        self.batch, self.steps, self.clip, self.seed = batch, steps, clip, seed
+        self.lr, self.warmup, self.device = lr, warmup, device
+        view = aux.model
+        self.params = list(predictor.parameters()) + (
+            list(view.copies.parameters()) if isinstance(view, AuxView) else [])
+        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.95),
+                                     weight_decay=weight_decay)
+        self.step = 0
+
+    def batch_at(self, step):
+        rng = np.random.default_rng((self.seed, step))
+        rows = torch.from_numpy(self.data[rng.integers(0, len(self.data), size=self.batch)])
+        rows = rows.to(self.device)
+        return rows[:, :-1], rows[:, 1:]
+
+    def train_step(self):
+        x, y = self.batch_at(self.step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, self.lr, self.steps, self.warmup)
+        total, ce_b, ce_a, l1 = loss_terms(self.base, self.aux, self.predictor, x, y)
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.opt.step()
+        self.step += 1
+        return {"step": self.step, "loss": total.item(), "ce_base": ce_b.item(),
+                "ce_aux": ce_a.item(), "l1": float(l1), "grad_norm": norm.item(),
+                "lr": self.opt.param_groups[0]["lr"]}
+
+    def _state(self):
+        view = self.aux.model
+        return {"predictor": self.predictor.state_dict(),
+                "aux": view.copies.state_dict() if isinstance(view, AuxView) else {},
+                "optimizer": self.opt.state_dict()}
+
+    def save_checkpoint(self, path):
+        with atomic_folder(path) as tmp:
+            torch.save(self._state(), tmp / "checkpoint.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "seed": self.seed}))
+
+    def load_checkpoint(self, path):
+        path = Path(path)
+        state = torch.load(path / "checkpoint.pt", map_location=self.device)
+        self.predictor.load_state_dict(state["predictor"])
+        view = self.aux.model
+        if isinstance(view, AuxView):
+            view.copies.load_state_dict(state["aux"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = json.loads((path / "state.json").read_text())["step"]
+
+    def run(self, log=None, checkpoint=None, every=50):
+        start = time.perf_counter()
+        while self.step < self.steps:
+            rec = self.train_step()
+            rec["elapsed_s"] = time.perf_counter() - start
+            if not all(math.isfinite(rec[k]) for k in ("loss", "grad_norm")):
+                raise FloatingPointError(f"loss became {rec['loss']} at step {rec['step']}")
+            if log:
+                log(rec)
+            if checkpoint and (self.step % every == 0 or self.step == self.steps):
+                self.save_checkpoint(checkpoint)
+
+

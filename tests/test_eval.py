@@ -1,0 +1,78 @@
+"""`edgeprefill eval` and `kvp sweep`: quality metrics against the exact prefill."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from edgeprefill.evaluate import kl_divergence, reference, score
+from edgeprefill.loading import load
+from edgeprefill.prefill import FullPrefill
+
+
+def _cli(args, env, timeout=600):
+    return subprocess.run([sys.executable, "-m", "apps.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_exact_strategy_scores_perfectly_and_a_worse_one_does_not(tiny_models):
+    from edgeprefill.kvp.aux import layer_pruned_aux
+    from edgeprefill.prefill.aux_only import AuxOnly
+
+    lm = load(str(tiny_models["llama"]))
+    m = lm.model
+    ref = reference(m, [5, 17, 200, 3, 99, 42, 7], [8, 9, 10, 11], greedy_tokens=6)
+    assert len(ref.greedy) == 6
+    s = score(m, FullPrefill(m, chunk_size=3), ref)
+    assert s["agree"] == 1.0 and s["kl"] < 1e-8 and s["greedy_match"] == 6
+    assert abs(s["nll"] - ref.nll) < 1e-5
+    worse = score(m, AuxOnly(m, layer_pruned_aux(m, 0.5)), ref)
+    assert worse["kl"] > 1e-3 and worse["nll"] != ref.nll
+    assert kl_divergence(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.0
+
+
+def test_eval_cli_reports_every_metric(tiny_models, cli_env, tmp_path):
+    model = str(tiny_models["llama"])
+    art = tmp_path / "art"
+    r = _cli(["kvp", "fit", "--model", model, "--aux", "T-0.50", "--tokens", "300", "--chunk",
+              "60", "--eval-pairs", "0", "--out", str(art)], cli_env)
+    assert r.returncode == 0, r.stderr
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "continuation": c}) for p, c in [
+        ("the quick brown fox jumps over", " the lazy dog"),
+        ("def add(a, b):\n    return", " a + b\n"),
+        ("one two three four five", " six seven")]) + "\n")
+    r = _cli(["eval", "--model", model, "--strategy", "full,kvp,aux-only", "--kvp", str(art),
+              "--data", str(data), "--greedy-tokens", "4", "--json"], cli_env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    res = {x["strategy"]: x for x in out["results"]}
+    assert res["full"]["first_token_agreement"] == 1.0 and res["full"]["nll_ratio"] == 1.0
+    assert res["full"]["greedy_match"] == 4 and res["full"]["pairs"] == 3
+    for name in ("kvp", "aux-only"):
+        x = res[name]
+        assert x["aux"] == "T-0.50" and 0 < x["flops_ratio"] < 1
+        for key in ("first_token_kl", "nll", "nll_exact", "nll_ratio", "ttft_s"):
+            assert np.isfinite(x[key])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "continuation": "b"}\n{"prompt": "x"}\n')
+    r = _cli(["eval", "--model", model, "--strategy", "full", "--data", str(bad)], cli_env)
+    assert r.returncode == 1 and "bad.jsonl:2" in r.stderr and "continuation" in r.stderr
+    r = _cli(["eval", "--model", model, "--strategy", "nope", "--data", str(data)], cli_env)
+    assert r.returncode == 1 and "unknown strategy 'nope'" in r.stderr
+
+
+def test_sweep_writes_the_pareto_table_and_plot(tiny_models, cli_env, tmp_path):
+    model = str(tiny_models["llama"])
+    r = _cli(["kvp", "sweep", "--model", model, "--kinds", "T-0.50,LP-0.50", "--pairs", "2",
+              "--tokens", "240", "--chunk", "60", "--dir", str(tmp_path / "arts"), "--json",
+              str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")], cli_env)
+    assert r.returncode == 0, r.stderr
+    recs = json.loads((tmp_path / "s.json").read_text())["records"]
+    assert {(x["strategy"], x["aux"]) for x in recs} == {
+        ("full", "-"), ("kvp", "T-0.50"), ("aux-only", "T-0.50"), ("kvp", "LP-0.50"),
+        ("aux-only", "LP-0.50")}
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    r = _cli(["kvp", "sweep", "--model", model, "--kinds", "Q-0.5"], cli_env)
+    assert r.returncode == 1 and "unknown aux kind 'Q-0.5'" in r.stderr

@@ -1,0 +1,144 @@
+"""KV Prediction training path (MLX and torch mirror), the mirror's kvp strategy, kvp train."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+
+from edgeprefill.kvp.aux import AuxModel, make_aux
+from edgeprefill.kvp.predictor import KVPredictor
+from edgeprefill.loading import load
+from edgeprefill.prefill.kv_prediction import KVPrediction
+
+
+def _identity(m):
+    aux = AuxModel(m, range(m.n_layers), "identity")
+    return aux, KVPredictor.identity(list(range(m.n_layers)), m.n_kv_heads, m.head_dim)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_identity_on_the_training_path(tiny_models, family):
+    """With aux = base, identity map and predictor, the training forward (K/V replaced by the
+    predictions) gives the base's own CE, the aux CE equals it, and the L1 term is zero."""
+    from edgeprefill.kvp.train import loss_terms
+
+    m = load(str(tiny_models[family])).model
+    rng = np.random.default_rng(0)
+    ids = mx.array(rng.integers(3, m.vocab_size, size=(2, 17)))
+    x, y = ids[:, :-1], ids[:, 1:]
+    total, ce_b, ce_a, l1 = loss_terms(m, *_identity(m), x, y)
+    ce = nn.losses.cross_entropy(m(x).astype(mx.float32), y).mean()
+    assert abs(ce_b.item() - ce.item()) < 1e-4 and abs(ce_a.item() - ce.item()) < 1e-4
+    assert l1.item() < 1e-6 and abs(total.item() - 2 * ce.item()) < 1e-4
+
+
+def test_mirror_loss_equals_mlx_loss(tiny_models):
+    from edgeprefill.kvp.train import loss_terms
+    from edgeprefill.mirror.kvp.aux import AuxModel as TAux
+    from edgeprefill.mirror.kvp.predictor import predictor_to_torch
+    from edgeprefill.mirror.kvp.train import loss_terms as t_loss_terms
+    from edgeprefill.mirror.loading import mirror_from_mlx
+
+    m = load(str(tiny_models["qwen3"])).model
+    aux, _, _ = make_aux(m, "LP-0.50")
+    pred = KVPredictor([0, 0, 1, 1], aux.kv_dim, m.n_kv_heads, m.head_dim)  # random init
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, m.vocab_size, size=(2, 13))
+    got = loss_terms(m, aux, pred, mx.array(ids[:, :-1]), mx.array(ids[:, 1:]))
+    tm = mirror_from_mlx(m)
+    want = t_loss_terms(tm, TAux(tm, aux.layers, aux.kind), predictor_to_torch(pred),
+                        torch.tensor(ids[:, :-1]), torch.tensor(ids[:, 1:]))
+    for a, b in zip(got, want):
+        assert abs(a.item() - float(b)) < 1e-3 * max(1.0, abs(a.item()))
+
+
+@pytest.mark.parametrize("kind,source", [("LP-0.50", "kv"), ("T-0.50", "hidden")])
+def test_mirror_kvp_strategy_equals_mlx(tiny_models, kind, source):
+    """Parity of the kvp path, a second turn included (the aux catches up on the gap)."""
+    from apps.kvp import build_predictor
+    from edgeprefill.kvp.fit import fit_ridge
+    from edgeprefill.mirror.kvp.aux import AuxModel as TAux
+    from edgeprefill.mirror.kvp.predictor import predictor_to_torch
+    from edgeprefill.mirror.loading import mirror_from_mlx
+    from edgeprefill.mirror.prefill.kv_prediction import KVPrediction as TKVP
+
+    lm = load(str(tiny_models["llama"]))
+    m = lm.model
+    aux, pred = build_predictor(m, kind, source)
+    rng = np.random.default_rng(2)
+    pred, _ = fit_ridge(m, aux, pred, [rng.integers(3, 300, 32).tolist() for _ in range(4)])
+    tm = mirror_from_mlx(m)
+    ours = KVPrediction(m, aux, pred, tail=2)
+    theirs = TKVP(tm, TAux(tm, aux.layers, aux.kind), predictor_to_torch(pred), tail=2)
+    c1, l1, _ = ours.prefill([5, 17, 200, 3, 99, 42, 7])
+    t1, tl1, _ = theirs.prefill([5, 17, 200, 3, 99, 42, 7], cache=theirs.make_cache(64))
+    np.testing.assert_allclose(tl1.numpy(), np.array(l1), atol=2e-4, rtol=2e-4)
+    for c in (c1, t1):
+        c.tokens.append(11)  # a decoded token the aux has not seen
+    mx.eval(m(mx.array([[11]]), c1))
+    with torch.no_grad():
+        tm(torch.tensor([[11]]), t1)
+    _, l2, s2 = ours.prefill([8, 9, 10, 12], cache=c1)
+    _, tl2, ts2 = theirs.prefill([8, 9, 10, 12], cache=t1)
+    assert s2.extra["aux_tokens"] == ts2.extra["aux_tokens"] == 2 + 1 + 2
+    np.testing.assert_allclose(tl2.numpy(), np.array(l2), atol=2e-4, rtol=2e-4)
+
+
+def test_mlx_training_lowers_the_loss_and_resumes(tiny_models, tmp_path):
+    from edgeprefill.kvp.train import Trainer, trainable_aux
+
+    m = load(str(tiny_models["llama"])).model
+    aux, layer_map, exact = make_aux(m, "LP-0.50")
+    pred = KVPredictor(layer_map, aux.kv_dim, m.n_kv_heads, m.head_dim)
+    rng = np.random.default_rng(3)
+    windows = [list(np.tile(rng.integers(3, 300, 5), 4)[:17]) for _ in range(4)]
+    t_aux = trainable_aux(aux)
+    before = mx.array(m.layers[0].self_attn.k_proj.weight)
+    tr = Trainer(m, t_aux, pred, windows, batch=4, steps=30, lr=3e-3, warmup=2)
+    logs = []
+    tr.run(log=logs.append, checkpoint=tmp_path / "ck", every=10)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert mx.array_equal(before, m.layers[0].self_attn.k_proj.weight)  # base frozen
+    assert not mx.array_equal(before, t_aux.model.layers[0].self_attn.k_proj.weight)
+    # resume from the step-30 checkpoint into a fresh trainer: same state, continues
+    pred2 = KVPredictor(layer_map, aux.kv_dim, m.n_kv_heads, m.head_dim)
+    tr2 = Trainer(m, trainable_aux(aux), pred2, windows, batch=4, steps=32, lr=3e-3, warmup=2)
+    tr2.load_checkpoint(tmp_path / "ck")
+    assert tr2.step == 30
+    assert mx.allclose(tr2.predictor.k_proj[1].weight, pred.k_proj[1].weight)
+    tr2.run()
+    assert tr2.step == 32
+
+
+def test_kvp_train_cli_mirror_then_generate(tiny_models, cli_env, tmp_path):
+    model = str(tiny_models["llama"])
+    art = tmp_path / "art"
+    cmd = [sys.executable, "-m", "apps.cli", "kvp", "train", "--model", model, "--aux",
+           "LP-0.50", "--steps", "4", "--batch", "2", "--seq", "16", "--tokens", "400",
+           "--ridge-tokens", "300", "--backend", "mirror", "--checkpoint-every", "2",
+           "--eval-pairs", "2", "--out", str(art)]
+    r = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    card = json.loads((art / "card.json").read_text())
+    assert card["fit"]["method"] == "ridge+gradient" and card["fit"]["steps"] == 4
+    assert card["aux"]["weights"] == "aux.safetensors" and (art / "aux.safetensors").is_file()
+    assert 0 <= card["quality"]["first_token_agreement"] <= 1
+    log = [json.loads(x) for x in (tmp_path / "art.train.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2, 3, 4]
+    r = subprocess.run(cmd[:cmd.index("--steps") + 1] + ["6"] + cmd[cmd.index("--steps") + 2:]
+                       + ["--resume"], env=cli_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "resumed" in r.stderr and json.loads((art / "card.json").read_text())["fit"]["steps"] == 6
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", model,
+                        "--prompt", "the quick brown fox", "--strategy", "kvp", "--kvp",
+                        str(art), "--max-tokens", "3", "--json"], env=cli_env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "new"), "--resume"], env=cli_env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "no checkpoint" in r.stderr and not (tmp_path / "new").exists()
