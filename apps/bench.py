@@ -20,8 +20,8 @@ def add_parser(sub):
     p = sub.add_parser("bench", help="measure TTFT per strategy and prompt length")
     add_model_args(p)
     p.add_argument("--strategies", default="full,mlx-lm",
-                   help="comma list: full, mlx-lm, kvp, aux-only (mlx backend); full, kvp "
-                   "(mirror backend)")
+                   help="comma list: full, mlx-lm, kvp, aux-only, lazy, lazy-<schedule> (mlx "
+                   "backend); full, kvp (mirror backend)")
     p.add_argument("--prompt-tokens", default="128,512,1024", help="comma list of lengths")
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -70,7 +70,10 @@ class MlxRunner:
         self.random_pair = random_pair  # (aux, predictor) for random-weight shapes
 
     def available(self):
-        return ("full", "mlx-lm", "kvp", "aux-only")
+        from edgeprefill.prefill import SCHEDULES
+
+        return ("full", "mlx-lm", "kvp", "aux-only", "lazy") + tuple(
+            f"lazy-{s}" for s in SCHEDULES)
 
     def strategy(self, name):
         """The prefill strategy object, built once (kvp loads its artifact here)."""
@@ -163,15 +166,20 @@ class MirrorRunner:
         self.device = device
         self.chunk_size = chunk_size
         self.kvp_artifact = kvp_artifact
+        self.lm = lm
         self.pair = None
 
     def available(self):
-        return ("full", "kvp")
+        from edgeprefill.prefill import SCHEDULES
+
+        return ("full", "kvp", "lazy") + tuple(f"lazy-{s}" for s in SCHEDULES)
 
     def _strategy(self, name):
         from edgeprefill.mirror.prefill import STRATEGIES
 
         opts = {"chunk_size": self.chunk_size} if self.chunk_size else {}
+        if name.startswith("lazy"):
+            return STRATEGIES["lazy"](self.model, schedule=name[5:] or "default", **opts)
         if name != "kvp":
             return STRATEGIES[name](self.model, **opts)
         if self.pair is None:
@@ -180,11 +188,13 @@ class MirrorRunner:
         return STRATEGIES["kvp"](self.model, aux, pred, tail=tail, **opts)
 
     def flops_options(self, name):
+        if name.startswith("lazy"):
+            return {"schedule": self._strategy(name)}
         if name != "kvp":
             return {}
         aux, pred, _ = self.pair
         return {"aux_layers": aux.n_layers, "predictor_in": pred.in_dim,
-                "predicted_layers": len(pred.predicted)}
+                "predicted_layers": len(pred.predicted), "tail": self.pair[2]}
 
     def artifacts(self, strategies):
         return {"kvp": str(self.kvp_artifact)} if "kvp" in strategies else {}
@@ -207,7 +217,8 @@ class MirrorRunner:
         if len(continuation) > 1:
             with torch.no_grad():
                 ids = torch.tensor([continuation[:-1]], device=self.device)
-                rows.append(self.model(ids, cache)[0].float().cpu().numpy())
+                forward = getattr(s, "forward", self.model)
+                rows.append(forward(ids, cache)[0].float().cpu().numpy())
         import numpy as np
 
         return first, mean_nll(np.concatenate(rows), continuation)

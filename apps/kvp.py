@@ -26,8 +26,10 @@ def add_parser(sub):
     f = ksub.add_parser("fit", help="fit a predictor by closed-form ridge regression")
     add_model_args(f)
     f.add_argument("--aux", default=DEFAULT_AUX,
-                   help=f"aux kind: LP-0.75, LP-0.50, LP-0.25 or T-<fraction> (default "
-                   f"{DEFAULT_AUX})")
+                   help=f"aux kind: LP-0.75, LP-0.50, LP-0.25, T-<fraction>, or C with "
+                   f"--aux-model (default {DEFAULT_AUX})")
+    f.add_argument("--aux-model", default=None,
+                   help="KVP-C: the smaller model (same tokenizer) used as the aux")
     add_fit_args(f)
     f.add_argument("--eval-pairs", type=int, default=16,
                    help="held-out pairs to measure quality on for the card (0: skip)")
@@ -59,6 +61,8 @@ def default_artifact_path(model_id, aux=DEFAULT_AUX, source=None):
     from edgeprefill.loading import cache_dir
 
     kind, fraction = parse_aux_kind(aux)
+    if kind == "C":
+        raise EdgeprefillError("a KVP-C artifact has no default path: pass --out")
     source = source or ("hidden" if kind == "T" else "kv")
     safe = model_id.replace("/", "--")
     suffix = "" if source == ("hidden" if kind == "T" else "kv") else f"-{source}"
@@ -73,18 +77,19 @@ def resolve_source(aux_spec, source):
     return source
 
 
-def build_predictor(base, aux_spec, source):
-    """(aux, empty KVPredictor) for an aux kind and predictor input."""
+def build_predictor(base, aux_spec, source, aux_lm=None, tokenizer=None):
+    """(aux, empty KVPredictor) for an aux kind and predictor input (C: aux_lm, a LoadedModel
+    checked against the base's tokenizer)."""
     from edgeprefill.kvp.aux import make_aux
     from edgeprefill.kvp.predictor import KVPredictor, input_dim
 
-    aux, layer_map, exact = make_aux(base, aux_spec)
+    aux, layer_map, exact = make_aux(base, aux_spec, aux_lm, tokenizer)
     in_dim = input_dim(aux, source)
     return aux, KVPredictor(layer_map, in_dim, base.n_kv_heads, base.head_dim, source, exact)
 
 
 def fit_artifact(lm, aux_spec, out, source="auto", tokens=30000, chunk=256, lam=1e-3,
-                 eval_refs=None, console=None):
+                 eval_refs=None, console=None, aux_lm=None):
     """Fit an artifact by ridge with a progress bar, measure it on `eval_refs` (evaluate.
     Reference list) if given, write it atomically. Returns (path, quality dict)."""
     from rich.console import Console
@@ -98,7 +103,7 @@ def fit_artifact(lm, aux_spec, out, source="auto", tokens=30000, chunk=256, lam=
         raise EdgeprefillError("--tokens must be >= --chunk and --chunk >= 8")
     source = resolve_source(aux_spec, source)
     base = lm.model
-    aux, pred = build_predictor(base, aux_spec, source)
+    aux, pred = build_predictor(base, aux_spec, source, aux_lm, lm.tokenizer)
     chunks = fit_chunks(lm.tokenizer, tokens, chunk)
     total = sum(len(c) for c in chunks)
     console = console or Console(stderr=True)
@@ -181,13 +186,25 @@ def run_fit(args):
 
     from edgeprefill.loading import load
 
+    from edgeprefill.kvp.aux import parse_aux_kind
+
     source = resolve_source(args.aux, args.input)
+    kind, _ = parse_aux_kind(args.aux)
+    if (kind == "C") != bool(args.aux_model):
+        raise EdgeprefillError("--aux C and --aux-model go together: pass both or neither")
     lm = load(args.model, dtype=args.dtype)
+    aux_lm = load(args.aux_model, dtype=args.dtype) if args.aux_model else None
     console = Console(stderr=True)
     refs = builtin_refs(lm, args.eval_pairs, console) if args.eval_pairs > 0 else None
-    out = Path(args.out) if args.out else default_artifact_path(lm.model_id, args.aux, source)
+    if args.out:
+        out = Path(args.out)
+    elif aux_lm:
+        out = default_artifact_path(lm.model_id, "LP-0.50").with_name(
+            f"{lm.model_id}-C-{aux_lm.model_id}".replace("/", "--"))
+    else:
+        out = default_artifact_path(lm.model_id, args.aux, source)
     path, q = fit_artifact(lm, args.aux, out, source, args.tokens, args.chunk, args.lam, refs,
-                           console)
+                           console, aux_lm)
     card_q = (f"; held-out agreement {q['first_token_agreement']:.2f}, KL "
               f"{q['first_token_kl']:.3f}, NLL ratio {q['nll_ratio']:.2f}" if q else "")
     console.print(f"wrote {path} ({args.aux}, {source} predictor{card_q})")

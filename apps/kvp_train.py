@@ -26,6 +26,9 @@ def add_train_parser(ksub):
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--seq", type=int, default=256, help="tokens per training sequence")
     t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--objective", default="ce", choices=["ce", "kl"],
+                   help="ce: the paper's next-token CE terms; kl: distil the exact base (KL), "
+                   "which cannot overfit a small corpus by fine-tuning the base onto it")
     t.add_argument("--warmup", type=int, default=20)
     t.add_argument("--tokens", type=int, default=300000,
                    help="fitting text to sample training windows from")
@@ -36,6 +39,8 @@ def add_train_parser(ksub):
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="mirror backend device")
     t.add_argument("--checkpoint-every", type=int, default=50)
+    t.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop (checkpoint and write the artifact) after this long")
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT.ckpt (written every --checkpoint-every steps)")
     t.add_argument("--eval-pairs", type=int, default=16,
@@ -97,7 +102,7 @@ def run_train(args):
 
     log_path = Path(str(out) + ".train.jsonl")
     hp = dict(batch=args.batch, steps=args.steps, lr=args.lr, warmup=args.warmup,
-              seed=args.seed)
+              seed=args.seed, objective=args.objective)
     if args.backend == "mlx":
         from edgeprefill.kvp.train import Trainer, trainable_aux
 
@@ -123,14 +128,16 @@ def run_train(args):
         def log(rec):
             lines.append(json.dumps(rec))
             bar.update(task, completed=rec["step"],
-                       loss=f"loss {rec['loss']:.3f} (base CE {rec['ce_base']:.3f}, aux CE "
-                            f"{rec['ce_aux']:.3f}, L1 {rec['l1']:.4f})")
-            if rec["step"] % args.checkpoint_every == 0 or rec["step"] == args.steps:
+                       loss=f"loss {rec['loss']:.3f} (base {args.objective} {rec['base']:.3f}"
+                            f", aux {rec['aux']:.3f}, L1 {rec['l1']:.4f})")
+            if (rec["step"] % args.checkpoint_every == 0 or rec["step"] == args.steps
+                    or (args.time_limit and rec["elapsed_s"] >= args.time_limit)):
                 with open(log_path, "a") as f:  # the loss log grows with the checkpoints
                     f.write("".join(x + "\n" for x in lines))
                 lines.clear()
 
-        trainer.run(log=log, checkpoint=ckpt, every=args.checkpoint_every)
+        trainer.run(log=log, checkpoint=ckpt, every=args.checkpoint_every,
+                    time_limit=args.time_limit)
 
     if args.backend == "mirror":
         from apps.kvp_mirror import export_trained
@@ -150,7 +157,8 @@ def run_train(args):
                 "backend": args.backend if args.backend == "mlx" else f"mirror-{args.device}",
                 "steps": trainer.step, "batch": args.batch, "seq": args.seq, "lr": args.lr,
                 "tokens_seen": trainer.step * args.batch * args.seq,
-                "train_aux": train_aux, "data": FIT_DATA, "log": str(log_path)}
+                "objective": args.objective, "train_aux": train_aux, "data": FIT_DATA,
+                "log": log_path.name}
     save_artifact(out, pred, aux, base, lm.model_id, fit_info, quality, tail=args.tail,
                   aux_weights=aux_weights)
     q = (f"; held-out agreement {quality['first_token_agreement']:.2f}, NLL ratio "

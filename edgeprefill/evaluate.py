@@ -44,13 +44,14 @@ class Reference:
 
 def continuation_logits(forward, cache, first_logits, tokens):
     """(len(tokens), V) logits predicting `tokens` after a prefill, teacher-forced; the cache
-    is trimmed back afterwards so it can be reused."""
+    is trimmed back afterwards so it can be reused (unless it says it is not trimmable)."""
     rows = [np.asarray(first_logits, dtype=np.float32)[None]]
     if len(tokens) > 1:
         out = forward(mx.array(tokens[:-1], dtype=mx.int32)[None], cache)[0]
         rows.append(np.array(out.astype(mx.float32)))
-        for c in cache:
-            c.trim(len(tokens) - 1)
+        if getattr(cache, "trimmable", True):
+            for c in cache:
+                c.trim(len(tokens) - 1)
     return np.concatenate(rows)
 
 
@@ -77,6 +78,8 @@ def score(model, strategy, ref):
     first = np.array(logits)
     forward = getattr(strategy, "forward", model)
     nll = mean_nll(continuation_logits(forward, cache, first, ref.continuation), ref.continuation)
+    if not getattr(cache, "trimmable", True):  # e.g. lazy: start again from a new prefill
+        cache, _, _ = strategy.prefill(ref.prompt)
     pred = continuation_logits(forward, cache, first, ref.greedy).argmax(axis=-1)
     match = 0
     while match < len(ref.greedy) and pred[match] == ref.greedy[match]:

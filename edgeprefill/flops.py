@@ -36,11 +36,11 @@ def prefill_flops(config, n_tokens, n_past=0, layers=None):
 
 
 def kvp_flops(config, n_tokens, aux_layers, predictor_in=None, predicted_layers=None,
-              n_past=0):
-    """KV Prediction TTFT FLOPs: an aux of `aux_layers` base-sized blocks over N-1 tokens (no
-    LM head), the predictor (a K and a V Linear of width `predictor_in` per predicted base
-    layer, default all, on each of those tokens), and one base step on the last token
-    attending to all N positions."""
+              n_past=0, aux_config=None, tail=1):
+    """KV Prediction TTFT FLOPs: an aux of `aux_layers` blocks (of `aux_config`, default the
+    base's) over N-tail tokens (no LM head), the predictor (a K and a V Linear of width
+    `predictor_in` per predicted base layer, default all, on each of those tokens), and the
+    base over the last `tail` tokens (1 in the paper) attending to all N positions."""
     d = config["hidden_size"]
     h = config["num_attention_heads"]
     hkv = config.get("num_key_value_heads") or h
@@ -48,35 +48,68 @@ def kvp_flops(config, n_tokens, aux_layers, predictor_in=None, predicted_layers=
     predictor_in = predictor_in or hkv * hd
     if predicted_layers is None:
         predicted_layers = config["num_hidden_layers"]
-    m = n_tokens - 1
-    aux = aux_layers * (m * layer_matmul_flops(config) + attention_flops(config, m, n_past))
+    tail = min(tail, n_tokens)
+    m = n_tokens - tail
+    acfg = aux_config or config
+    aux = aux_layers * (m * layer_matmul_flops(acfg) + attention_flops(acfg, m, n_past))
     predictor = predicted_layers * m * 2 * 2 * (predictor_in + 1) * hkv * hd
-    base_step = prefill_flops(config, 1, n_past=n_past + m)
+    base_step = prefill_flops(config, tail, n_past=n_past + m)
     return aux + predictor + base_step
 
 
-def aux_only_flops(config, n_tokens, aux_layers, n_past=0, **_):
+def aux_only_flops(config, n_tokens, aux_layers, n_past=0, aux_config=None, **_):
     """The aux model alone: `aux_layers` blocks over all N tokens plus the LM head."""
-    return prefill_flops(config, n_tokens, n_past=n_past, layers=aux_layers)
+    return prefill_flops(aux_config or config, n_tokens, n_past=n_past, layers=aux_layers)
+
+
+def lazy_flops(config, n_tokens, tokens_per_layer, n_past=0, **_):
+    """LazyLLM prefill: layer l runs tokens_per_layer[l] tokens (a shrinking subset) with
+    causal attention among them, plus the LM head."""
+    total = 2 * config["hidden_size"] * config["vocab_size"]
+    for n_l in tokens_per_layer:
+        total += n_l * layer_matmul_flops(config) + attention_flops(config, n_l, n_past)
+    return total
+
+
+def lazy_tokens_per_layer(n_layers, n_tokens, bounds, keep):
+    """Tokens each layer runs under a schedule: its pruning layers and keep fractions."""
+    out, n = [], n_tokens
+    for i in range(n_layers):
+        if i in bounds:
+            n = max(1, min(n, int(round(keep[bounds.index(i)] * n))))
+        out.append(n)
+    return out
 
 
 STRATEGY_FLOPS = {"full": prefill_flops, "mlx-lm": prefill_flops, "kvp": kvp_flops,
-                  "aux-only": aux_only_flops}
+                  "aux-only": aux_only_flops, "lazy": lazy_flops}
 
 
 def flops_options(strategy):
-    """The analytic-count options a built strategy object implies (its aux and predictor)."""
+    """The analytic-count options a built strategy object implies (its aux and predictor, or
+    its pruning schedule)."""
+    if getattr(strategy, "name", None) == "lazy":
+        return {"schedule": strategy}
     aux = getattr(strategy, "aux", None)
     if aux is None:
         return {}
     opts = {"aux_layers": aux.n_layers}
+    base = getattr(strategy, "model", None)
+    if base is not None and getattr(aux.model, "config", None) is not base.config:
+        opts["aux_config"] = aux.model.config  # KVP-C: a model of its own shape
     pred = getattr(strategy, "predictor", None)
     if pred is not None:
-        opts.update(predictor_in=pred.in_dim, predicted_layers=len(pred.predicted))
+        opts.update(predictor_in=pred.in_dim, predicted_layers=len(pred.predicted),
+                    tail=getattr(strategy, "tail", 1))
     return opts
 
 
 def strategy_flops(strategy, config, n_tokens, **options):
     """TTFT FLOPs of `strategy` on an `n_tokens` prompt, or None if it has no analytic count."""
+    if strategy.startswith("lazy"):
+        lazy = options.pop("schedule")
+        options["tokens_per_layer"] = lazy_tokens_per_layer(
+            config["num_hidden_layers"], n_tokens, lazy.bounds, list(lazy.schedule.keep))
+        strategy = "lazy"
     fn = STRATEGY_FLOPS.get(strategy)
     return fn(config, n_tokens, **options) if fn else None

@@ -214,3 +214,39 @@ def test_aux_only_strategy_is_the_aux_model_alone(tiny_models):
     for layer in (0, 2):
         h = m.block(layer, h).h
     np.testing.assert_allclose(np.array(logits), np.array(m.head(h)[0, -1]), atol=1e-4)
+
+
+def test_compact_aux_fit_generate_and_tokenizer_refusal(tiny_models, cli_env, tmp_path):
+    """KVP-C through the CLI: a 2-layer model of the same tokenizer as the aux; a model with
+    another tokenizer is refused with a one-line error; the artifact reloads its aux model."""
+    import json
+    import subprocess
+    import sys
+
+    from edgeprefill.models.random import random_model_folder
+
+    small = random_model_folder(tmp_path / "small", "llama", "tiny", seed=3,
+                                num_hidden_layers=2, hidden_size=32, intermediate_size=64)
+    other = random_model_folder(tmp_path / "other", "llama", "tiny", seed=4, vocab_size=320)
+    model, art = str(tiny_models["llama"]), tmp_path / "art"
+    base = [sys.executable, "-m", "apps.cli", "kvp", "fit", "--model", model, "--aux", "C",
+            "--tokens", "240", "--chunk", "60", "--eval-pairs", "0"]
+    r = subprocess.run(base + ["--aux-model", str(small), "--out", str(art)], env=cli_env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    card = json.loads((art / "card.json").read_text())
+    assert card["aux"]["kind"] == "C" and card["aux"]["weights"] == "model"
+    assert card["layer_map"] == [0, 0, 1, 1]
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", model,
+                        "--prompt", "the quick brown fox", "--strategy", "kvp", "--kvp",
+                        str(art), "--max-tokens", "3", "--json"], env=cli_env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["stats"]["extra"]["aux"] == "C"
+    r = subprocess.run(base + ["--aux-model", str(other), "--out", str(tmp_path / "x")],
+                       env=cli_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "tokenizer differs" in r.stderr
+    assert not (tmp_path / "x").exists()
+    r = subprocess.run(base + ["--out", str(tmp_path / "y")], env=cli_env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "--aux-model" in r.stderr

@@ -32,6 +32,8 @@ def test_identity_on_the_training_path(tiny_models, family):
     ids = mx.array(rng.integers(3, m.vocab_size, size=(2, 17)))
     x, y = ids[:, :-1], ids[:, 1:]
     total, ce_b, ce_a, l1 = loss_terms(m, *_identity(m), x, y)
+    kl_total, kl_b, kl_a, _ = loss_terms(m, *_identity(m), x, y, objective="kl")
+    assert kl_b.item() < 1e-5 and kl_a.item() < 1e-5
     ce = nn.losses.cross_entropy(m(x).astype(mx.float32), y).mean()
     assert abs(ce_b.item() - ce.item()) < 1e-4 and abs(ce_a.item() - ce.item()) < 1e-4
     assert l1.item() < 1e-6 and abs(total.item() - 2 * ce.item()) < 1e-4
@@ -53,7 +55,12 @@ def test_mirror_loss_equals_mlx_loss(tiny_models):
     tm = mirror_from_mlx(m)
     want = t_loss_terms(tm, TAux(tm, aux.layers, aux.kind), predictor_to_torch(pred),
                         torch.tensor(ids[:, :-1]), torch.tensor(ids[:, 1:]))
-    for a, b in zip(got, want):
+    for a, b in zip(got, want):  # paper loss
+        assert abs(a.item() - float(b)) < 1e-3 * max(1.0, abs(a.item()))
+    got = loss_terms(m, aux, pred, mx.array(ids[:, :-1]), mx.array(ids[:, 1:]), "kl")
+    want = t_loss_terms(tm, TAux(tm, aux.layers, aux.kind), predictor_to_torch(pred),
+                        torch.tensor(ids[:, :-1]), torch.tensor(ids[:, 1:]), "kl")
+    for a, b in zip(got, want):  # distillation
         assert abs(a.item() - float(b)) < 1e-3 * max(1.0, abs(a.item()))
 
 

@@ -57,6 +57,9 @@ def save_artifact(path, predictor, aux, base, base_id, fit_info, quality=None, t
         "fit": fit_info,
         "quality": quality or {},
     }
+    if aux.model is not base and not hasattr(aux.model, "copied"):  # KVP-C: its own model
+        card["aux"].update(weights="model", model=getattr(aux, "spec", None),
+                           config_hash=config_hash(aux.model))
     with atomic_folder(path) as tmp:
         mx.save_safetensors(str(tmp / "predictor.safetensors"),
                             dict(tree_flatten(predictor.parameters())))
@@ -93,7 +96,7 @@ def load_artifact(path, base):
             f"(artifact made for '{card.get('base', {}).get('id')}'): use the matching model "
             "or fit a new artifact")
     layers = card["aux"]["layers"]
-    if not layers or max(layers) >= base.n_layers:
+    if card["aux"].get("weights") != "model" and (not layers or max(layers) >= base.n_layers):
         raise EdgeprefillError("artifact field 'aux.layers' names layers the base lacks: "
                                "re-create the artifact")
     try:
@@ -106,7 +109,9 @@ def load_artifact(path, base):
         raise EdgeprefillError("artifact field 'exact_layers' names base layers the aux does "
                                "not compute exactly: re-create the artifact")
     aux = AuxModel(base, layers, card["aux"]["kind"])
-    if card["aux"].get("weights", "base") != "base":
+    if card["aux"].get("weights") == "model":  # KVP-C
+        aux = _load_compact_aux(card, base)
+    elif card["aux"].get("weights", "base") != "base":
         from edgeprefill.kvp.train import trainable_aux
 
         aux = trainable_aux(aux)
@@ -134,3 +139,19 @@ def load_artifact(path, base):
                                " the artifact is corrupted; re-create it") from None
     pred.set_dtype(base.dtype)
     return aux, pred, card
+
+
+def _load_compact_aux(card, base):
+    """The KVP-C aux model named by the card, checked against its recorded hash."""
+    from edgeprefill.loading import load
+
+    spec = card["aux"].get("model")
+    if not spec:
+        raise EdgeprefillError("artifact field 'aux.model' is missing: re-create the artifact")
+    lm = load(spec, dtype=str(base.dtype).split(".")[-1])
+    got = config_hash(lm.model)
+    if got != card["aux"].get("config_hash"):
+        raise EdgeprefillError(f"artifact field 'aux.config_hash' is {card['aux'].get('config_hash')}"
+                               f" but the aux model at {spec} has {got}: use the model it was "
+                               "fitted with or fit a new artifact")
+    return AuxModel(lm.model, range(lm.model.n_layers), "C")

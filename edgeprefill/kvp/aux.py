@@ -15,7 +15,8 @@ from mlx_lm.models.cache import KVCache
 
 from edgeprefill.errors import EdgeprefillError
 
-AUX_KINDS_HELP = "LP-0.75, LP-0.50, LP-0.25 (paper) or T-<fraction> such as T-0.50"
+AUX_KINDS_HELP = ("LP-0.75, LP-0.50, LP-0.25 (paper), T-<fraction> such as T-0.50, or C "
+                  "with --aux-model (a smaller model of the same tokenizer)")
 
 
 @dataclass
@@ -82,6 +83,8 @@ def parse_aux_kind(spec):
     from edgeprefill.kvp.layer_map import LP_FRACTIONS
 
     kind, _, frac = str(spec).upper().partition("-")
+    if kind == "C" and not frac:
+        return "C", None
     try:
         fraction = float(frac)
     except ValueError:
@@ -93,12 +96,21 @@ def parse_aux_kind(spec):
     return kind, fraction
 
 
-def make_aux(base, spec):
-    """(AuxModel, layer map j_i, exact base layers) for an LP or T aux of `base`."""
-    from edgeprefill.kvp.layer_map import (lp_kept_layers, lp_layer_map, truncated_layer_map,
-                                           truncated_layers)
+def make_aux(base, spec, aux_lm=None, base_tokenizer=None):
+    """(AuxModel, layer map j_i, exact base layers) for an LP, T or C aux of `base` (C: the
+    LoadedModel `aux_lm`, checked against `base_tokenizer`)."""
+    from edgeprefill.kvp.layer_map import (compact_layer_map, lp_kept_layers, lp_layer_map,
+                                           truncated_layer_map, truncated_layers)
 
     kind, fraction = parse_aux_kind(spec)
+    if kind == "C":
+        if aux_lm is None:
+            raise EdgeprefillError("aux kind C needs the smaller model: pass --aux-model M")
+        aux = compact_aux(aux_lm.model, base_tokenizer, aux_lm.tokenizer)
+        from pathlib import Path
+
+        aux.spec = str(Path(aux_lm.spec).resolve()) if Path(aux_lm.spec).exists() else aux_lm.spec
+        return aux, compact_layer_map(base.n_layers, aux.n_layers), []
     if kind == "LP":
         kept = lp_kept_layers(base.n_layers, fraction)
         return AuxModel(base, kept, f"LP-{fraction:.2f}"), lp_layer_map(base.n_layers, kept), []

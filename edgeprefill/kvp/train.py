@@ -4,6 +4,8 @@
          + CE(aux logits)
          + w_kv * sum_i [ L1(K_hat_i, K_i) + L1(V_hat_i, V_i) ],   w_kv = 1 / n_base_layers
 
+(objective 'kl' swaps both CE terms for KL to the exact base's logits: see loss_terms.)
+
 K_i, V_i are the frozen base's own pre-RoPE K/V on the same text (keys compared after the base's
 k_norm where it has one). The base is frozen; the predictor is trained, and the aux's blocks too
 when `train_aux` (then the aux becomes a copy of the base's blocks, saved in the artifact; a
@@ -79,14 +81,30 @@ class Trainable(nn.Module):
         self.aux_blocks = [view.layers[k] for k in getattr(view, "copied", [])]
 
 
-def loss_terms(base, aux, predictor, x, y):
-    """(total, base CE, aux CE, mean per-layer L1) for (B, L) inputs x and targets y."""
+OBJECTIVES = ("ce", "kl")
+
+
+def _kl(p_logits, q_logits):
+    """Mean over positions of KL(p || q), p the exact base (no gradient)."""
+    lp = p_logits - mx.logsumexp(p_logits, axis=-1, keepdims=True)
+    lq = q_logits - mx.logsumexp(q_logits, axis=-1, keepdims=True)
+    return (mx.exp(lp) * (lp - lq)).sum(axis=-1).mean()
+
+
+def loss_terms(base, aux, predictor, x, y, objective="ce"):
+    """(total, base term, aux term, mean per-layer L1) for (B, L) inputs x and targets y.
+
+    objective 'ce' is the paper's (cross-entropy on the text's next tokens); 'kl' distils the
+    exact base instead (KL(base || replaced-KV base), KL(base || aux)): on a small corpus CE
+    lets the predictor fine-tune the base onto the fitting text, KL only rewards reproducing it.
+    """
     h = base.embed(x)
     true = []
     for i in range(base.n_layers):
         out = base.block(i, h)
         h = out.h
         true.append((mx.stop_gradient(out.keys), mx.stop_gradient(out.values)))
+    exact = mx.stop_gradient(base.head(h).astype(mx.float32)) if objective == "kl" else None
     aux_out = aux.forward(x, None, predictor.hidden_layers())
     hb = base.embed(x)
     l1 = 0.0
@@ -99,10 +117,15 @@ def loss_terms(base, aux, predictor, x, y):
             k_cmp = k
         l1 = l1 + mx.abs(k_cmp - tk).mean() + mx.abs(v - tv).mean()
         hb = base.block(i, hb, replace_kv=(k.astype(hb.dtype), v.astype(hb.dtype))).h
-    ce_base = nn.losses.cross_entropy(base.head(hb).astype(mx.float32), y).mean()
-    ce_aux = nn.losses.cross_entropy(aux.logits(aux_out.h).astype(mx.float32), y).mean()
+    logits = base.head(hb).astype(mx.float32)
+    aux_logits = aux.logits(aux_out.h).astype(mx.float32)
+    if objective == "kl":
+        t_base, t_aux = _kl(exact, logits), _kl(exact, aux_logits)
+    else:
+        t_base = nn.losses.cross_entropy(logits, y).mean()
+        t_aux = nn.losses.cross_entropy(aux_logits, y).mean()
     l1 = l1 / base.n_layers
-    return ce_base + ce_aux + l1, ce_base, ce_aux, l1
+    return t_base + t_aux + l1, t_base, t_aux, l1
 
 
 def lr_schedule(lr, steps, warmup):
@@ -125,7 +148,10 @@ class Trainer:
     """
 
     def __init__(self, base, aux, predictor, windows, batch=8, steps=200, lr=3e-4, warmup=20,
-                 weight_decay=0.1, clip=1.0, seed=0):
+                 weight_decay=0.1, clip=1.0, seed=0, objective="ce"):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.objective = objective
         self.base, self.aux, self.predictor = base, aux, predictor
         self.data = np.array(windows, dtype=np.int32)
         self.batch, self.steps, self.clip, self.seed = batch, steps, clip, seed
@@ -136,7 +162,7 @@ class Trainer:
         self._grad = nn.value_and_grad(self.params, self._loss)
 
     def _loss(self, x, y):
-        return loss_terms(self.base, self.aux, self.predictor, x, y)
+        return loss_terms(self.base, self.aux, self.predictor, x, y, self.objective)
 
     def batch_at(self, step):
         rng = np.random.default_rng((self.seed, step))
@@ -145,13 +171,13 @@ class Trainer:
 
     def train_step(self):
         x, y = self.batch_at(self.step)
-        (total, ce_b, ce_a, l1), grads = self._grad(x, y)
+        (total, t_base, t_aux, l1), grads = self._grad(x, y)
         grads, norm = optim.clip_grad_norm(grads, self.clip)
         self.opt.update(self.params, grads)
-        mx.eval(self.params.parameters(), self.opt.state, total, ce_b, ce_a, l1, norm)
+        mx.eval(self.params.parameters(), self.opt.state, total, t_base, t_aux, l1, norm)
         self.step += 1
-        return {"step": self.step, "loss": total.item(), "ce_base": ce_b.item(),
-                "ce_aux": ce_a.item(), "l1": l1.item(), "grad_norm": norm.item(),
+        return {"step": self.step, "loss": total.item(), "base": t_base.item(),
+                "aux": t_aux.item(), "l1": l1.item(), "grad_norm": norm.item(),
                 "lr": float(self.opt.learning_rate.item())}
 
     def save_checkpoint(self, path):
@@ -170,8 +196,9 @@ class Trainer:
         self.opt.state = tree_unflatten(list(state.items()))
         self.step = json.loads((path / "state.json").read_text())["step"]
 
-    def run(self, log=None, checkpoint=None, every=50):
-        """Train to `steps`; log(record) per step; checkpoint every `every` steps and at the end."""
+    def run(self, log=None, checkpoint=None, every=50, time_limit=None):
+        """Train to `steps` (or until `time_limit` seconds); log(record) per step; checkpoint
+        every `every` steps and at the end."""
         start = time.perf_counter()
         while self.step < self.steps:
             rec = self.train_step()
@@ -180,5 +207,8 @@ class Trainer:
                 raise FloatingPointError(f"loss became {rec['loss']} at step {rec['step']}")
             if log:
                 log(rec)
-            if checkpoint and (self.step % every == 0 or self.step == self.steps):
+            out_of_time = time_limit is not None and rec["elapsed_s"] >= time_limit
+            if checkpoint and (self.step % every == 0 or self.step == self.steps or out_of_time):
                 self.save_checkpoint(checkpoint)
+            if out_of_time:
+                break

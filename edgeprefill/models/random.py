@@ -38,7 +38,7 @@ def make_config(family, shape="tiny", **overrides):
     """HF config dict for a random model of `family` (llama, qwen2, qwen3) and `shape`."""
     cfg = dict(SHAPES[shape]) if isinstance(shape, str) else dict(shape)
     cfg.update(model_type=family, rms_norm_eps=1e-5, rope_theta=10000.0,
-               max_position_embeddings=512 if shape == "tiny" else 8192,
+               max_position_embeddings=512 if shape == "tiny" else 32768,
                tie_word_embeddings=family != "qwen2", bos_token_id=1, eos_token_id=2)
     cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     cfg["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",

@@ -13,8 +13,10 @@ from edgeprefill.prefill.aux_only import AuxOnly
 from edgeprefill.prefill.base import PrefillStats, PromptCache
 from edgeprefill.prefill.full import FullPrefill
 from edgeprefill.prefill.kv_prediction import KVPrediction
+from edgeprefill.prefill.lazy import SCHEDULES, LazyPrefill
 
-STRATEGIES = {"full": FullPrefill, "kvp": KVPrediction, "aux-only": AuxOnly}
+STRATEGIES = {"full": FullPrefill, "kvp": KVPrediction, "aux-only": AuxOnly,
+              "lazy": LazyPrefill}
 
 
 def make_kvp(model, artifact=None, aux_only=False, **options):
@@ -41,10 +43,14 @@ def make_strategy(name, model, **options):
     """
     if name in ("kvp", "aux-only"):
         return make_kvp(model, aux_only=name == "aux-only", **options)
+    if name.startswith("lazy-"):  # lazy-<schedule>
+        return LazyPrefill(model, schedule=name[5:], **options)
     if name not in STRATEGIES:
         raise EdgeprefillError(
-            f"unknown strategy '{name}': choose one of {', '.join(sorted(STRATEGIES))}")
+            f"unknown strategy '{name}': choose one of {', '.join(sorted(STRATEGIES))}, "
+            f"or lazy-<schedule> ({', '.join(SCHEDULES)})")
     return STRATEGIES[name](model, **options)
 
 
-__all__ = ["PrefillStats", "PromptCache", "FullPrefill", "STRATEGIES", "make_strategy"]
+__all__ = ["PrefillStats", "PromptCache", "FullPrefill", "AuxOnly", "KVPrediction",
+           "LazyPrefill", "SCHEDULES", "STRATEGIES", "make_strategy"]

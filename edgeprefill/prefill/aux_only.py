@@ -5,7 +5,7 @@ import time
 
 import mlx.core as mx
 
-from edgeprefill.prefill.base import PrefillStats, PromptCache
+from edgeprefill.prefill.base import PrefillStats, PromptCache, default_chunk_size
 from edgeprefill.prefill.full import as_token_array
 
 
@@ -18,10 +18,10 @@ class AuxOnly:
 
     name = "aux-only"
 
-    def __init__(self, model, aux, chunk_size=512):
+    def __init__(self, model, aux, chunk_size=None):
         self.model = model
         self.aux = aux
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size or default_chunk_size()
 
     def forward(self, ids, cache):
         """(1, L) ids -> (1, L, V) logits of the aux model, extending its cache."""

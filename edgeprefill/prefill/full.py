@@ -4,7 +4,7 @@ import time
 
 import mlx.core as mx
 
-from edgeprefill.prefill.base import PrefillStats, PromptCache
+from edgeprefill.prefill.base import PrefillStats, PromptCache, default_chunk_size
 
 
 def as_token_array(prompt_ids):
@@ -29,9 +29,9 @@ class FullPrefill:
 
     name = "full"
 
-    def __init__(self, model, chunk_size=512):
+    def __init__(self, model, chunk_size=None):
         self.model = model
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size or default_chunk_size()
 
     def prefill(self, prompt_ids, cache=None, progress=None):
         """See edgeprefill.prefill. `progress(done, total)` is called after each chunk."""

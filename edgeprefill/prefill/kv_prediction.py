@@ -18,7 +18,7 @@ import time
 
 import mlx.core as mx
 
-from edgeprefill.prefill.base import PrefillStats, PromptCache
+from edgeprefill.prefill.base import PrefillStats, PromptCache, default_chunk_size
 from edgeprefill.prefill.full import as_token_array
 
 
@@ -32,12 +32,12 @@ class KVPrediction:
 
     name = "kvp"
 
-    def __init__(self, model, aux, predictor, chunk_size=512, tail=1, sink=0):
+    def __init__(self, model, aux, predictor, chunk_size=None, tail=1, sink=0):
         self.model = model
         self.aux = aux
         self.predictor = predictor
         self.layer_map = predictor.layer_map
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size or default_chunk_size()
         if tail < 1:
             raise ValueError(f"tail must be >= 1 (got {tail})")
         self.tail = tail

@@ -53,8 +53,14 @@ def trainable_aux(aux):
     return AuxModel(AuxView(aux.model, aux.layers), aux.layers, aux.kind)
 
 
-def loss_terms(base, aux, predictor, x, y):
-    """(total, base CE, aux CE, mean per-layer L1), as the MLX loss_terms."""
+def _kl(p_logits, q_logits):
+    lp = torch.log_softmax(p_logits, dim=-1)
+    lq = torch.log_softmax(q_logits, dim=-1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean()
+
+
+def loss_terms(base, aux, predictor, x, y, objective="ce"):
+    """(total, base term, aux term, mean per-layer L1), as the MLX loss_terms."""
     with torch.no_grad():
         h = base.embed(x)
         true = []
@@ -62,6 +68,7 @@ def loss_terms(base, aux, predictor, x, y):
             out = base.block(i, h)
             h = out.h
             true.append((out.keys, out.values))
+        exact = base.head(h).float() if objective == "kl" else None
     aux_out = aux.forward(x, None, predictor.hidden_layers())
     hb = base.embed(x)
     l1 = 0.0
@@ -75,10 +82,14 @@ def loss_terms(base, aux, predictor, x, y):
         l1 = l1 + (k_cmp.float() - tk.float()).abs().mean() + (v.float() - tv.float()).abs().mean()
         hb = base.block(i, hb, replace_kv=(k.to(hb.dtype), v.to(hb.dtype))).h
     V = base.vocab_size
-    ce_base = F.cross_entropy(base.head(hb).float().reshape(-1, V), y.reshape(-1))
-    ce_aux = F.cross_entropy(aux.logits(aux_out.h).float().reshape(-1, V), y.reshape(-1))
+    logits, aux_logits = base.head(hb).float(), aux.logits(aux_out.h).float()
+    if objective == "kl":
+        t_base, t_aux = _kl(exact, logits), _kl(exact, aux_logits)
+    else:
+        t_base = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+        t_aux = F.cross_entropy(aux_logits.reshape(-1, V), y.reshape(-1))
     l1 = l1 / base.n_layers
-    return ce_base + ce_aux + l1, ce_base, ce_aux, l1
+    return t_base + t_aux + l1, t_base, t_aux, l1
 
 
 def lr_at(step, lr, steps, warmup):
@@ -94,7 +105,8 @@ class Trainer:
     """Arguments as edgeprefill.kvp.train.Trainer; tensors live on `device`."""
 
     def __init__(self, base, aux, predictor, windows, batch=8, steps=200, lr=3e-4, warmup=20,
-                 weight_decay=0.1, clip=1.0, seed=0, device="cpu"):
+                 weight_decay=0.1, clip=1.0, seed=0, device="cpu", objective="ce"):
+        self.objective = objective
         self.base, self.aux, self.predictor = base, aux, predictor
         for p in base.parameters():
             p.requires_grad_(False)
@@ -118,14 +130,15 @@ class Trainer:
         x, y = self.batch_at(self.step)
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, self.lr, self.steps, self.warmup)
-        total, ce_b, ce_a, l1 = loss_terms(self.base, self.aux, self.predictor, x, y)
+        total, t_base, t_aux, l1 = loss_terms(self.base, self.aux, self.predictor, x, y,
+                                              self.objective)
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.opt.step()
         self.step += 1
-        return {"step": self.step, "loss": total.item(), "ce_base": ce_b.item(),
-                "ce_aux": ce_a.item(), "l1": float(l1), "grad_norm": norm.item(),
+        return {"step": self.step, "loss": total.item(), "base": t_base.item(),
+                "aux": t_aux.item(), "l1": float(l1), "grad_norm": norm.item(),
                 "lr": self.opt.param_groups[0]["lr"]}
 
     def _state(self):
@@ -149,7 +162,7 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.step = json.loads((path / "state.json").read_text())["step"]
 
-    def run(self, log=None, checkpoint=None, every=50):
+    def run(self, log=None, checkpoint=None, every=50, time_limit=None):
         start = time.perf_counter()
         while self.step < self.steps:
             rec = self.train_step()
@@ -158,7 +171,10 @@ class Trainer:
                 raise FloatingPointError(f"loss became {rec['loss']} at step {rec['step']}")
             if log:
                 log(rec)
-            if checkpoint and (self.step % every == 0 or self.step == self.steps):
+            out_of_time = time_limit is not None and rec["elapsed_s"] >= time_limit
+            if checkpoint and (self.step % every == 0 or self.step == self.steps or out_of_time):
                 self.save_checkpoint(checkpoint)
+            if out_of_time:
+                break
 
 

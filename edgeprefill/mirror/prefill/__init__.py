@@ -2,7 +2,8 @@
 
 from edgeprefill.mirror.prefill.full import FullPrefill
 from edgeprefill.mirror.prefill.kv_prediction import KVPrediction
+from edgeprefill.mirror.prefill.lazy import LazyPrefill
 
-STRATEGIES = {"full": FullPrefill, "kvp": KVPrediction}
+STRATEGIES = {"full": FullPrefill, "kvp": KVPrediction, "lazy": LazyPrefill}
 
-__all__ = ["FullPrefill", "KVPrediction", "STRATEGIES"]
+__all__ = ["FullPrefill", "KVPrediction", "LazyPrefill", "STRATEGIES"]

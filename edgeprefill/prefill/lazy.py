@@ -1,0 +1,228 @@
+"""`lazy`: LazyLLM dynamic token pruning (Fu et al., arXiv 2407.14057), training-free.
+
+Prefill runs layer by layer over a shrinking token set. At each pruning depth d_k of the
+schedule, the last token's attention row at layer d_k - 1 (softmax of its query against that
+layer's keys, averaged over query heads, computed beside the fused attention) scores the tokens
+still present; the lowest-scoring ones are dropped for layers d_k and deeper. The last token is
+never dropped and every token keeps its original position id. The layers between two depths
+form a segment with one token set; the sets are nested.
+
+Aux Cache: the hidden state entering d_k of each token dropped there is kept. While decoding,
+each new token re-makes the selection at every depth from its own attention row; a selected
+token missing from the segment is revived from its cached hidden state: it runs that segment's
+layers (attending, by position, to the keys present there) and its K/V join that segment's
+caches. Every token is computed at most once per layer, so lazy never does more work than full.
+A later chat turn's new tokens are computed in full over the existing token sets.
+"""
+
+import time
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from edgeprefill.prefill.base import PrefillStats, PromptCache, default_chunk_size
+from edgeprefill.prefill.full import as_token_array
+
+
+class MlxOps:
+    """The array operations the algorithm needs, for MLX (the torch mirror has its own)."""
+
+    ints = staticmethod(lambda xs, like=None: mx.array(list(xs), dtype=mx.int32))
+    tokens = staticmethod(lambda ids, model: as_token_array(ids))
+    cat = staticmethod(lambda xs, axis: mx.concatenate(xs, axis=axis))
+    stack = staticmethod(mx.stack)
+    float32 = staticmethod(lambda x: x.astype(mx.float32))
+    order = staticmethod(lambda scores: mx.argsort(-scores.astype(mx.float32)).tolist())
+    eval = staticmethod(mx.eval)
+    sync = staticmethod(lambda model: None)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Pruning depths (fractions of the layers) and, at each, the fraction of the tokens still
+    present that is kept."""
+
+    name: str
+    depths: tuple
+    keep: tuple
+
+    def layers(self, n_layers):
+        """Pruning layer indices d_k (distinct, increasing, inside 1..n_layers-1)."""
+        out = []
+        for f in self.depths:
+            d = min(n_layers - 1, max(1, round(f * n_layers)))
+            if not out or d > out[-1]:
+                out.append(d)
+        return out[:len(self.keep)]
+
+
+SCHEDULES = {
+    "gentle": Schedule("gentle", (0.3, 0.6, 0.9), (0.9, 0.8, 0.7)),
+    "default": Schedule("default", (0.3, 0.6, 0.9), (0.7, 0.6, 0.5)),
+    "aggressive": Schedule("aggressive", (0.3, 0.6, 0.9), (0.5, 0.5, 0.5)),
+    "early": Schedule("early", (0.1, 0.3, 0.6), (0.6, 0.6, 0.6)),
+    "none": Schedule("none", (0.3, 0.6, 0.9), (1.0, 1.0, 1.0)),
+}
+
+
+class LazyCache(PromptCache):
+    """Per-layer KV caches holding different token sets.
+
+    seg_pos[k]: positions present in segment k's layers, in cache order.
+    aux_hidden[k]: {position: (D,) hidden state entering segment k} for tokens absent there.
+    next_pos: the position of the next token.
+    """
+
+    def __init__(self, layers, n_segments):
+        super().__init__(layers)
+        self.seg_pos = [[] for _ in range(n_segments)]
+        self.aux_hidden = [{} for _ in range(n_segments)]
+        self.next_pos = 0
+
+    trimmable = False  # revived tokens sit mid-cache: a trim cannot undo a decode step
+
+
+def _keep_top(ops, scores, keep_frac, last_index):
+    """Indices (ascending) of the kept entries of (S,) scores; last_index always kept."""
+    n = scores.shape[0]
+    k = max(1, int(round(keep_frac * n)))
+    if k >= n:
+        return list(range(n))
+    order = ops.order(scores)
+    kept = set(order[:k])
+    if last_index not in kept:
+        kept.discard(order[k - 1])
+        kept.add(last_index)
+    return sorted(kept)
+
+
+class LazyPrefill:
+    """Args:
+        model: edgeprefill.models.Transformer.
+        schedule: a Schedule or the name of one in SCHEDULES.
+        chunk_size: query tokens per attention call inside a layer.
+    """
+
+    name = "lazy"
+    ops = MlxOps
+
+    def __init__(self, model, schedule="default", chunk_size=None):
+        if isinstance(schedule, str):
+            if schedule not in SCHEDULES:
+                from edgeprefill.errors import EdgeprefillError
+
+                raise EdgeprefillError(f"unknown lazy schedule '{schedule}': choose one of "
+                                       f"{', '.join(SCHEDULES)}")
+            schedule = SCHEDULES[schedule]
+        self.model = model
+        self.schedule = schedule
+        self.chunk_size = chunk_size or default_chunk_size()
+        self.bounds = schedule.layers(model.n_layers)
+        self.keep = dict(zip(self.bounds, schedule.keep))
+        self.starts = [0] + self.bounds  # first layer of each segment
+
+    def segment(self, layer):
+        return sum(1 for d in self.bounds if d <= layer)
+
+    def make_cache(self, max_len=None):
+        layers = self.model.make_cache() if max_len is None else self.model.make_cache(max_len)
+        return LazyCache(layers, len(self.starts))
+
+    def _layer(self, i, h, pos, cache, want_row=False):
+        """Run layer i over (1, L, D) h at positions pos (ascending, after the cache's), chunked;
+        returns (h out, last token's attention row or None)."""
+        outs, row = [], None
+        for s in range(0, h.shape[1], self.chunk_size):
+            last = s + self.chunk_size >= h.shape[1]
+            out = self.model.block(i, h[:, s:s + self.chunk_size], cache=cache[i],
+                                   positions=pos[s:s + self.chunk_size],
+                                   return_attn_row=want_row and last)
+            outs.append(out.h)
+            row = out.attn_row if last else row
+            self.ops.eval(out.h, cache[i].keys_and_values())
+        return self.ops.cat(outs, 1) if len(outs) > 1 else outs[0], row
+
+    def prefill(self, prompt_ids, cache=None, progress=None):
+        """See edgeprefill.prefill; the first turn prunes, later turns run their new tokens in
+        full over the existing token sets."""
+        ops, m = self.ops, self.model
+        ops.sync(m)
+        start = time.perf_counter()
+        ids = ops.tokens(prompt_ids, m)
+        n = ids.shape[0]
+        cache = cache if cache is not None else self.make_cache()
+        p0 = cache.next_pos
+        first = p0 == 0
+        pos = ops.ints(range(p0, p0 + n), m)
+        h = m.embed(ids[None])
+        present = list(range(n))  # indices into this prompt
+        kept_per_layer = []
+        for i in range(m.n_layers):
+            if first and i in self.keep:  # prune with the previous layer's row
+                idx = _keep_top(ops, row[0], self.keep[i], len(present) - 1)
+                dropped = [j for j in range(len(present)) if j not in set(idx)]
+                seg = self.segment(i)
+                for j in dropped:
+                    cache.aux_hidden[seg][p0 + present[j]] = h[0, j]
+                h, present = h[:, ops.ints(idx, m)], [present[j] for j in idx]
+            if i in self.starts:
+                cache.seg_pos[self.segment(i)].extend(p0 + j for j in present)
+            want = first and (i + 1) in self.keep
+            h, row = self._layer(i, h, pos[ops.ints(present, m)], cache, want)
+            kept_per_layer.append(len(present))
+            if progress:
+                progress(int(n * (i + 1) / m.n_layers), n)
+        logits = ops.float32(m.head(h[:, -1:])[0, -1])
+        ops.eval(logits)
+        ops.sync(m)
+        cache.next_pos = p0 + n
+        cache.tokens.extend(ids.tolist())
+        stats = PrefillStats(self.name, n, cache.next_pos, time.perf_counter() - start,
+                             {"schedule": self.schedule.name, "prune_layers": self.bounds,
+                              "tokens_per_layer": kept_per_layer,
+                              "token_layers_fraction": sum(kept_per_layer) / (n * m.n_layers)})
+        return cache, logits, stats
+
+    def _revive(self, seg, positions, cache):
+        """Run segment `seg`'s layers for tokens absent there, from their cached hidden states."""
+        ops, m = self.ops, self.model
+        h = ops.stack([cache.aux_hidden[seg].pop(p) for p in positions])[None]
+        qpos = ops.ints(positions, m)
+        end = self.starts[seg + 1] if seg + 1 < len(self.starts) else m.n_layers
+        for i in range(self.starts[seg], end):
+            kpos = ops.ints(cache.seg_pos[seg] + positions, m)
+            mask = kpos[None, :] <= qpos[:, None]  # by position: the cache is not in order
+            h = m.block(i, h, cache=cache[i], positions=qpos, mask=mask).h
+        cache.seg_pos[seg].extend(positions)
+        if seg + 1 < len(self.starts):
+            for j, p in enumerate(positions):
+                cache.aux_hidden[seg + 1][p] = h[0, j]
+        ops.eval(h, [cache[i].keys_and_values() for i in range(self.starts[seg], end)])
+
+    def forward(self, ids, cache):
+        """Decode (1, L) ids token by token with re-selection and revival; (1, L, V) logits."""
+        if not isinstance(cache, LazyCache):
+            raise ValueError("lazy decodes only a cache its own prefill made")
+        ops, m = self.ops, self.model
+        rows = []
+        for t in range(ids.shape[1]):
+            p = cache.next_pos
+            qpos = ops.ints([p], m)
+            h = m.embed(ids[:, t:t + 1])
+            row = None
+            for i in range(m.n_layers):
+                if i in self.keep and cache.aux_hidden[self.segment(i)]:
+                    prev = cache.seg_pos[self.segment(i) - 1]
+                    idx = _keep_top(ops, row[0, :len(prev)], self.keep[i], len(prev) - 1)
+                    have = set(cache.seg_pos[self.segment(i)])
+                    need = [prev[j] for j in idx if prev[j] not in have and prev[j] != p]
+                    if need:
+                        self._revive(self.segment(i), need, cache)
+                if i in self.starts:
+                    cache.seg_pos[self.segment(i)].append(p)
+                out = m.block(i, h, cache=cache[i], positions=qpos,
+                              return_attn_row=(i + 1) in self.keep)
+                h, row = out.h, out.attn_row
+            rows.append(m.head(h))
+            cache.next_pos = p + 1
+        return ops.cat(rows, 1) if len(rows) > 1 else rows[0]
