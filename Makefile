@@ -7,7 +7,7 @@ CORE := $(VENV)/.core-installed
 FULL := $(VENV)/.full-installed
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup demo test bench bench-blas fast-blas clean kvp-default kvp-sweep
+.PHONY: setup demo chat test bench bench-blas fast-blas clean kvp-default kvp-sweep
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,6 +41,11 @@ fast-blas:
 
 demo: $(CORE)
 	$(BIN)/edgeprefill generate --model default --prompt "$(PROMPT)" --max-tokens 48
+
+# The terminal chat on the default model (STRATEGY=kvp|lazy|... to pick the prefill).
+STRATEGY ?= full
+chat: $(CORE)
+	$(BIN)/edgeprefill chat --model default --strategy $(STRATEGY)
 
 test: $(FULL)
 	$(BIN)/python -m pytest -q tests

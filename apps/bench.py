@@ -30,6 +30,8 @@ def add_parser(sub):
     p.add_argument("--kvp", default=None, metavar="FOLDER",
                    help="KV Prediction artifact for the kvp strategy (default: the model's "
                    "LP-0.50 artifact)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="runahead / tsp: local worker processes")
     p.add_argument("--backend", default="mlx", choices=["mlx", "mirror"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="mirror backend device")
@@ -62,8 +64,9 @@ def parse_list(text, cast, what):
 class MlxRunner:
     """Runs strategies on the MLX backend: (prompt ids) -> (ttft seconds, first logits)."""
 
-    def __init__(self, lm, chunk_size, kvp_artifact=None, random_pair=None):
+    def __init__(self, lm, chunk_size, kvp_artifact=None, random_pair=None, workers=2):
         self.lm = lm
+        self.workers = workers
         self.chunk_size = chunk_size
         self.strategies = {}
         self.kvp_artifact = kvp_artifact
@@ -72,7 +75,7 @@ class MlxRunner:
     def available(self):
         from edgeprefill.prefill import SCHEDULES
 
-        return ("full", "mlx-lm", "kvp", "aux-only", "lazy") + tuple(
+        return ("full", "mlx-lm", "kvp", "aux-only", "lazy", "runahead", "tsp") + tuple(
             f"lazy-{s}" for s in SCHEDULES)
 
     def strategy(self, name):
@@ -98,6 +101,8 @@ class MlxRunner:
 
         from edgeprefill.evaluate import continuation_logits, mean_nll
 
+        if strategy in ("runahead", "tsp"):  # exact by construction; first token measured
+            return self.run(strategy, prompt)[1], None
         if strategy == "mlx-lm":  # mlx-lm's own model call and prompt cache
             from mlx_lm.models.cache import make_prompt_cache
 
@@ -117,7 +122,9 @@ class MlxRunner:
     def flops_options(self, name):
         from edgeprefill.flops import flops_options
 
-        return {} if name == "mlx-lm" else flops_options(self.strategy(name))
+        if name in ("mlx-lm", "runahead", "tsp"):
+            return {}
+        return flops_options(self.strategy(name))
 
     def artifacts(self, strategies):
         if self.random_pair or not {"kvp", "aux-only"} & set(strategies):
@@ -138,6 +145,11 @@ class MlxRunner:
         import mlx.core as mx
         import numpy as np
 
+        if strategy in ("runahead", "tsp"):  # separate worker processes; TTFT measured there
+            from apps.runahead import run_prefill
+
+            r = run_prefill(self.lm, ids, strategy, self.workers)
+            return r["ttft_s"], np.array(r["logits"], dtype=np.float32)
         if strategy == "mlx-lm":
             from mlx_lm.generate import generate_step
 
@@ -309,7 +321,7 @@ def bench_records(runner, lm, strategies, lengths, trials, warmup, n_prompts, pr
                     [np.argmax(g[0]) == np.argmax(b[0]) for g, b in zip(got, base)]))
                 q["first_token_kl"] = float(np.mean(
                     [kl_divergence(b[0], g[0]) for g, b in zip(got, base)]))
-                if continuation:
+                if continuation and all(g[1] is not None for g in got):
                     q["nll"] = float(np.mean([g[1] for g in got]))
                     q["nll_exact"] = float(np.mean([b[1] for b in base]))
                     q["nll_ratio"] = q["nll"] / q["nll_exact"]
@@ -368,7 +380,10 @@ def run(args):
     kvp = None
     if {"kvp", "aux-only"} & set(strategies) and not random_pair:
         kvp = strategy_options(args, lm, "kvp")["artifact"]
-    runner = (MlxRunner(lm, args.chunk_size, kvp, random_pair) if args.backend == "mlx"
+    if {"runahead", "tsp"} & set(strategies) and args.shape:
+        raise EdgeprefillError("runahead / tsp workers load --model themselves: not with --shape")
+    runner = (MlxRunner(lm, args.chunk_size, kvp, random_pair, args.workers)
+              if args.backend == "mlx"
               else MirrorRunner(lm, args.chunk_size, args.device, kvp))
     unknown = [s for s in strategies if s not in runner.available()]
     if unknown:

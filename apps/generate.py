@@ -20,11 +20,16 @@ def add_parser(sub):
     p.add_argument("--prompt", required=True, help="the prompt text, or '-' to read stdin")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--strategy", default="full",
-                   help="prefill strategy: full, kvp, aux-only (default: full)")
+                   help="prefill strategy: full, kvp, aux-only, lazy, lazy-<schedule>, runahead, "
+                   "tsp (default: full)")
     p.add_argument("--kvp", default=None, metavar="FOLDER",
                    help="KV Prediction artifact for --strategy kvp / aux-only (default: the "
                    "model's T-0.50 artifact from `edgeprefill kvp fit`; fitted on first use "
                    "for the default model)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="runahead / tsp: local worker processes (mlx.launch, ring backend)")
+    p.add_argument("--hostfile", default=None,
+                   help="runahead / tsp: mlx.launch hostfile spreading workers over machines")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -86,6 +91,8 @@ def run(args):
     lm = load(args.model, dtype=args.dtype)
     ids = build_prompt(lm.tokenizer, prompt, system=args.system,
                        chat_template=not args.no_chat_template)
+    if args.strategy in ("runahead", "tsp"):
+        return run_parallel(args, lm, ids, err)
     strategy = make_strategy(args.strategy, lm.model, **strategy_options(args, lm))
     result = None
     for event in stream_generate(lm.model, lm.tokenizer, ids, strategy,
@@ -101,4 +108,32 @@ def run(args):
     else:
         sys.stdout.write("\n")
         err.print(f"[dim]{stats_line(stats)}[/dim]", highlight=False)
+    return 0
+
+
+def run_parallel(args, lm, ids, err):
+    """runahead / tsp: the workers prefill (and the last one decodes greedily); print the text."""
+    from apps.runahead import run_prefill
+
+    if args.temp > 0:
+        raise EdgeprefillError(f"--strategy {args.strategy} decodes greedily on the last worker: "
+                               "use --temp 0")
+    r = run_prefill(lm, ids, args.strategy, args.workers, max_tokens=args.max_tokens,
+                    hostfile=args.hostfile, dtype=args.dtype)
+    eos = set(lm.tokenizer.eos_token_ids)
+    tokens = r["tokens"]
+    cut = next((k for k, t in enumerate(tokens) if t in eos), len(tokens))
+    text = lm.tokenizer.decode(tokens[:cut])
+    stats = {"strategy": args.strategy, "workers": r["workers"], "sizes": r["sizes"],
+             "prompt_tokens": len(ids), "ttft_s": r["ttft_s"],
+             "prefill_tok_s": len(ids) / r["ttft_s"], "bytes_moved": r["bytes"],
+             "generated_tokens": cut, "finish_reason": "eos" if cut < len(tokens) else "length"}
+    if args.json:
+        print(json.dumps({"model": lm.model_id, "text": text, "stats": stats}))
+    else:
+        print(text)
+        err.print(f"[dim]strategy {args.strategy} | workers {r['workers']} {r['sizes']} | "
+                  f"prompt {len(ids)} tok | TTFT {r['ttft_s'] * 1e3:.0f} ms | prefill "
+                  f"{stats['prefill_tok_s']:.1f} tok/s | moved {r['bytes'] / 2**20:.1f} MiB"
+                  "[/dim]", highlight=False)
     return 0

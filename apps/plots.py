@@ -24,6 +24,7 @@ def _save(plt, fig, path):
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, format="png")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         plt.close(fig)
@@ -32,23 +33,31 @@ def _save(plt, fig, path):
 
 
 def bench_plot(records, path, title):
-    """Two panels: TTFT vs prompt length per strategy; first-token agreement vs TTFT (the
-    Pareto view, one point per strategy and length)."""
+    """Two panels: TTFT vs prompt length per strategy; quality vs TTFT (the Pareto view, one
+    point per strategy and length): continuation NLL ratio vs exact when measured, else
+    first-token agreement."""
     plt, fig, (ax1, ax2) = _figure(2)
+    use_nll = all(r.get("nll_ratio") is not None for r in records)
+    qkey = "nll_ratio" if use_nll else "first_token_agreement"
     for s in dict.fromkeys(r["strategy"] for r in records):
         rows = sorted((r for r in records if r["strategy"] == s), key=lambda r: r["prompt_tokens"])
         x = [r["prompt_tokens"] for r in rows]
         ax1.errorbar(x, [r["ttft_s"] for r in rows], fmt="o-", label=s, capsize=3,
                      yerr=[[r["ttft_s"] - r["ttft_min_s"] for r in rows],
                            [r["ttft_max_s"] - r["ttft_s"] for r in rows]])
-        ax2.plot([r["ttft_s"] for r in rows], [r["first_token_agreement"] for r in rows], "o",
-                 label=s)
-        for r in rows:
-            ax2.annotate(str(r["prompt_tokens"]), (r["ttft_s"], r["first_token_agreement"]),
+        pts = [r for r in rows if r.get(qkey) is not None]
+        ax2.plot([r["ttft_s"] for r in pts], [r[qkey] for r in pts], "o", label=s)
+        for r in pts:
+            ax2.annotate(str(r["prompt_tokens"]), (r["ttft_s"], r[qkey]),
                          fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax1.set(xlabel="prompt tokens", ylabel="TTFT (s), median, min-max", title="TTFT")
-    ax2.set(xlabel="TTFT (s)", ylabel="first-token agreement with full prefill",
-            title="quality vs TTFT (labels: prompt tokens)", ylim=(-0.05, 1.05))
+    if use_nll:
+        ax2.set(xlabel="TTFT (s)", ylabel="continuation NLL / exact prefill (lower is better)",
+                title="quality vs TTFT (labels: prompt tokens)")
+        ax2.set_yscale("log")
+    else:
+        ax2.set(xlabel="TTFT (s)", ylabel="first-token agreement with full prefill",
+                title="quality vs TTFT (labels: prompt tokens)", ylim=(-0.05, 1.05))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -81,8 +81,18 @@ def lazy_tokens_per_layer(n_layers, n_tokens, bounds, keep):
     return out
 
 
+def tsp_flops(config, n_tokens, **_):
+    """The tsp baseline: every query scores all N keys (dense, then masked)."""
+    h = config["num_attention_heads"]
+    hd = config.get("head_dim") or config["hidden_size"] // h
+    dense = 2 * 2 * h * hd * n_tokens * n_tokens
+    return prefill_flops(config, n_tokens) + config["num_hidden_layers"] * (
+        dense - attention_flops(config, n_tokens))
+
+
 STRATEGY_FLOPS = {"full": prefill_flops, "mlx-lm": prefill_flops, "kvp": kvp_flops,
-                  "aux-only": aux_only_flops, "lazy": lazy_flops}
+                  "aux-only": aux_only_flops, "lazy": lazy_flops,
+                  "runahead": prefill_flops, "tsp": tsp_flops}
 
 
 def flops_options(strategy):

@@ -42,19 +42,11 @@ def input_dim(aux, source):
     return aux.hidden_size * (2 if source == "hidden2" else 1)
 
 
-class KVPredictor(nn.Module):
-    """Linear maps from aux features to base K/V.
+class PredictorPlan:
+    """Which base layers are predicted from which aux features, and how: the logic shared by
+    the MLX predictor and its torch mirror (each supplies the array hooks and the Linears)."""
 
-    Args:
-        layer_map: j_i, the aux layer feeding each base layer.
-        in_dim: input width (aux KV heads * head dim for 'kv', hidden size for 'hidden').
-        base_kv_heads, base_head_dim: the base's KV layout.
-        source: 'kv' or 'hidden'.
-        exact: base layers copied from the aux (no Linear).
-    """
-
-    def __init__(self, layer_map, in_dim, base_kv_heads, base_head_dim, source="kv", exact=()):
-        super().__init__()
+    def _plan(self, layer_map, in_dim, base_kv_heads, source, exact):
         if source not in SOURCES:
             raise ValueError(f"predictor input must be one of {SOURCES}, got {source!r}")
         self.layer_map = list(layer_map)
@@ -64,9 +56,6 @@ class KVPredictor(nn.Module):
         self._slot = {i: s for s, i in enumerate(self.predicted)}
         self.base_kv_heads = base_kv_heads
         self.in_dim = in_dim
-        out = base_kv_heads * base_head_dim
-        self.k_proj = [nn.Linear(in_dim, out, bias=True) for _ in self.predicted]
-        self.v_proj = [nn.Linear(in_dim, out, bias=True) for _ in self.predicted]
 
     def hidden_layers(self):
         """Aux layers whose output hidden state the predictor reads (-1: the embedding)."""
@@ -82,19 +71,19 @@ class KVPredictor(nn.Module):
         """(xk, xv), each (B, L - skip, in_dim): the inputs aux layer j gives its base layers."""
         if self.source != "kv":
             parts = {"hidden": [j], "hidden-in": [j - 1], "hidden2": [j, j - 1]}[self.source]
-            xs = [hidden_features(aux_out.hidden[a][:, skip:]) for a in parts]
-            x = xs[0] if len(xs) == 1 else mx.concatenate(xs, axis=-1)
+            xs = [self._hidden(aux_out.hidden[a][:, skip:]) for a in parts]
+            x = xs[0] if len(xs) == 1 else self._cat(xs)
             return x, x
         k, v = aux_out.kv[j]
-        return merge_heads(k[:, :, skip:]), merge_heads(v[:, :, skip:])
+        return self._merge(k[:, :, skip:]), self._merge(v[:, :, skip:])
 
     def predict(self, i, xk, xv):
         """Base layer i's (keys, values), (B, Hkv_B, L, hd_B) pre-RoPE, from its features."""
         s = self._slot[i]
         dt = self.k_proj[s].weight.dtype
-        k = self.k_proj[s](xk.astype(dt))
-        v = self.v_proj[s](xv.astype(dt))
-        return split_heads(k, self.base_kv_heads), split_heads(v, self.base_kv_heads)
+        k = self.k_proj[s](self._cast(xk, dt))
+        v = self.v_proj[s](self._cast(xv, dt))
+        return self._split(k, self.base_kv_heads), self._split(v, self.base_kv_heads)
 
     def base_kv(self, aux_out, skip=0):
         """Yield (i, keys, values) for every base layer from one aux forward's output,
@@ -108,6 +97,31 @@ class KVPredictor(nn.Module):
             else:
                 k, v = aux_out.kv[j]
                 yield i, k[:, :, skip:], v[:, :, skip:]
+
+
+class KVPredictor(PredictorPlan, nn.Module):
+    """Linear maps from aux features to base K/V.
+
+    Args:
+        layer_map: j_i, the aux layer feeding each base layer.
+        in_dim: input width (aux KV heads * head dim for 'kv', hidden size for 'hidden').
+        base_kv_heads, base_head_dim: the base's KV layout.
+        source: one of SOURCES.
+        exact: base layers copied from the aux (no Linear).
+    """
+
+    _merge = staticmethod(merge_heads)
+    _split = staticmethod(split_heads)
+    _hidden = staticmethod(hidden_features)
+    _cat = staticmethod(lambda xs: mx.concatenate(xs, axis=-1))
+    _cast = staticmethod(lambda x, dt: x.astype(dt))
+
+    def __init__(self, layer_map, in_dim, base_kv_heads, base_head_dim, source="kv", exact=()):
+        nn.Module.__init__(self)
+        self._plan(layer_map, in_dim, base_kv_heads, source, exact)
+        out = base_kv_heads * base_head_dim
+        self.k_proj = [nn.Linear(in_dim, out, bias=True) for _ in self.predicted]
+        self.v_proj = [nn.Linear(in_dim, out, bias=True) for _ in self.predicted]
 
     @classmethod
     def identity(cls, layer_map, kv_heads, head_dim, dtype=mx.float32):

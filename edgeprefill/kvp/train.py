@@ -199,16 +199,22 @@ class Trainer:
     def run(self, log=None, checkpoint=None, every=50, time_limit=None):
         """Train to `steps` (or until `time_limit` seconds); log(record) per step; checkpoint
         every `every` steps and at the end."""
-        start = time.perf_counter()
-        while self.step < self.steps:
-            rec = self.train_step()
-            rec["elapsed_s"] = time.perf_counter() - start
-            if not all(math.isfinite(rec[k]) for k in ("loss", "grad_norm")):
-                raise FloatingPointError(f"loss became {rec['loss']} at step {rec['step']}")
-            if log:
-                log(rec)
-            out_of_time = time_limit is not None and rec["elapsed_s"] >= time_limit
-            if checkpoint and (self.step % every == 0 or self.step == self.steps or out_of_time):
-                self.save_checkpoint(checkpoint)
-            if out_of_time:
-                break
+        run_training(self, log, checkpoint, every, time_limit)
+
+
+def run_training(trainer, log=None, checkpoint=None, every=50, time_limit=None):
+    """The loop both trainers (MLX and torch mirror) share: step, check, log, checkpoint."""
+    start = time.perf_counter()
+    while trainer.step < trainer.steps:
+        rec = trainer.train_step()
+        rec["elapsed_s"] = time.perf_counter() - start
+        if not all(math.isfinite(rec[k]) for k in ("loss", "grad_norm")):
+            raise FloatingPointError(f"loss became {rec['loss']} at step {rec['step']}")
+        if log:
+            log(rec)
+        out_of_time = time_limit is not None and rec["elapsed_s"] >= time_limit
+        if checkpoint and (trainer.step % every == 0 or trainer.step == trainer.steps
+                           or out_of_time):
+            trainer.save_checkpoint(checkpoint)
+        if out_of_time:
+            break

@@ -128,14 +128,15 @@ class LazyPrefill:
         layers = self.model.make_cache() if max_len is None else self.model.make_cache(max_len)
         return LazyCache(layers, len(self.starts))
 
-    def _layer(self, i, h, pos, cache, want_row=False):
+    def _layer(self, i, h, pos, cache, want_row=False, contiguous=False):
         """Run layer i over (1, L, D) h at positions pos (ascending, after the cache's), chunked;
-        returns (h out, last token's attention row or None)."""
+        returns (h out, last token's attention row or None). `contiguous`: the cache holds
+        every earlier position, so RoPE takes the fast contiguous-offset path."""
         outs, row = [], None
         for s in range(0, h.shape[1], self.chunk_size):
             last = s + self.chunk_size >= h.shape[1]
             out = self.model.block(i, h[:, s:s + self.chunk_size], cache=cache[i],
-                                   positions=pos[s:s + self.chunk_size],
+                                   positions=None if contiguous else pos[s:s + self.chunk_size],
                                    return_attn_row=want_row and last)
             outs.append(out.h)
             row = out.attn_row if last else row
@@ -156,7 +157,7 @@ class LazyPrefill:
         pos = ops.ints(range(p0, p0 + n), m)
         h = m.embed(ids[None])
         present = list(range(n))  # indices into this prompt
-        kept_per_layer = []
+        kept_per_layer, row = [], None
         for i in range(m.n_layers):
             if first and i in self.keep:  # prune with the previous layer's row
                 idx = _keep_top(ops, row[0], self.keep[i], len(present) - 1)
@@ -168,7 +169,8 @@ class LazyPrefill:
             if i in self.starts:
                 cache.seg_pos[self.segment(i)].extend(p0 + j for j in present)
             want = first and (i + 1) in self.keep
-            h, row = self._layer(i, h, pos[ops.ints(present, m)], cache, want)
+            h, row = self._layer(i, h, pos[ops.ints(present, m)], cache, want,
+                                 contiguous=self.segment(i) == 0)
             kept_per_layer.append(len(present))
             if progress:
                 progress(int(n * (i + 1) / m.n_layers), n)

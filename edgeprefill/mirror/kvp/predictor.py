@@ -4,7 +4,7 @@ artifact's predictor.safetensors loads on either side)."""
 import torch
 from torch import nn
 
-from edgeprefill.kvp.predictor import SOURCES
+from edgeprefill.kvp.predictor import PredictorPlan
 
 
 def merge_heads(x):
@@ -24,59 +24,21 @@ def hidden_features(h, eps=1e-6):
     return h * torch.rsqrt((h * h).mean(dim=-1, keepdim=True) + eps)
 
 
-class KVPredictor(nn.Module):
-    """Arguments and methods as the MLX KVPredictor."""
+class KVPredictor(PredictorPlan, nn.Module):
+    """Arguments and methods as the MLX KVPredictor (the shared PredictorPlan)."""
+
+    _merge = staticmethod(merge_heads)
+    _split = staticmethod(split_heads)
+    _hidden = staticmethod(hidden_features)
+    _cat = staticmethod(lambda xs: torch.cat(xs, dim=-1))
+    _cast = staticmethod(lambda x, dt: x.to(dt))
 
     def __init__(self, layer_map, in_dim, base_kv_heads, base_head_dim, source="kv", exact=()):
-        super().__init__()
-        if source not in SOURCES:
-            raise ValueError(f"predictor input must be one of {SOURCES}, got {source!r}")
-        self.layer_map = list(layer_map)
-        self.source = source
-        self.exact = sorted(exact)
-        self.predicted = [i for i in range(len(self.layer_map)) if i not in set(self.exact)]
-        self._slot = {i: s for s, i in enumerate(self.predicted)}
-        self.base_kv_heads = base_kv_heads
-        self.in_dim = in_dim
+        nn.Module.__init__(self)
+        self._plan(layer_map, in_dim, base_kv_heads, source, exact)
         out = base_kv_heads * base_head_dim
         self.k_proj = nn.ModuleList(nn.Linear(in_dim, out) for _ in self.predicted)
         self.v_proj = nn.ModuleList(nn.Linear(in_dim, out) for _ in self.predicted)
-
-    def hidden_layers(self):
-        js = {self.layer_map[i] for i in self.predicted}
-        out = set()
-        if self.source in ("hidden", "hidden2"):
-            out |= js
-        if self.source in ("hidden-in", "hidden2"):
-            out |= {j - 1 for j in js}
-        return out
-
-    def features(self, aux_out, j, skip=0):
-        if self.source != "kv":
-            parts = {"hidden": [j], "hidden-in": [j - 1], "hidden2": [j, j - 1]}[self.source]
-            xs = [hidden_features(aux_out.hidden[a][:, skip:]) for a in parts]
-            x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=-1)
-            return x, x
-        k, v = aux_out.kv[j]
-        return merge_heads(k[:, :, skip:]), merge_heads(v[:, :, skip:])
-
-    def predict(self, i, xk, xv):
-        s = self._slot[i]
-        dt = self.k_proj[s].weight.dtype
-        k = self.k_proj[s](xk.to(dt))
-        v = self.v_proj[s](xv.to(dt))
-        return split_heads(k, self.base_kv_heads), split_heads(v, self.base_kv_heads)
-
-    def base_kv(self, aux_out, skip=0):
-        feats = {}
-        for i, j in enumerate(self.layer_map):
-            if i in self._slot:
-                if j not in feats:
-                    feats[j] = self.features(aux_out, j, skip)
-                yield (i, *self.predict(i, *feats[j]))
-            else:
-                k, v = aux_out.kv[j]
-                yield i, k[:, :, skip:], v[:, :, skip:]
 
 
 def predictor_to_torch(pred, device="cpu", dtype=torch.float32):

@@ -5,7 +5,6 @@ Prediction can be trained on an NVIDIA GPU. Same loss terms, schedule and checkp
 import copy
 import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -163,18 +162,6 @@ class Trainer:
         self.step = json.loads((path / "state.json").read_text())["step"]
 
     def run(self, log=None, checkpoint=None, every=50, time_limit=None):
-        start = time.perf_counter()
-        while self.step < self.steps:
-            rec = self.train_step()
-            rec["elapsed_s"] = time.perf_counter() - start
-            if not all(math.isfinite(rec[k]) for k in ("loss", "grad_norm")):
-                raise FloatingPointError(f"loss became {rec['loss']} at step {rec['step']}")
-            if log:
-                log(rec)
-            out_of_time = time_limit is not None and rec["elapsed_s"] >= time_limit
-            if checkpoint and (self.step % every == 0 or self.step == self.steps or out_of_time):
-                self.save_checkpoint(checkpoint)
-            if out_of_time:
-                break
+        from edgeprefill.kvp.train import run_training
 
-
+        run_training(self, log, checkpoint, every, time_limit)

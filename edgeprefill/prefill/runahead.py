@@ -1,0 +1,204 @@
+"""`runahead`: KV-Runahead parallel prefill (Cho et al., ICML 2024) over mx.distributed, and the
+`tsp` baseline it is compared with.
+
+p workers (ranks of an mx.distributed group, e.g. started by `mlx.launch --backend ring`) each
+hold the whole model. The prompt is split into p contiguous chunks, earlier ones larger (later
+tokens attend to more keys). Per layer, rank r receives from rank r-1 the rotated K/V of every
+position before its chunk, appends its own (causal inside the chunk, full over the prefix) and
+sends the concatenation on to rank r+1 (point-to-point). The last rank ends with the full cache
+and the first token's logits; decoding runs there.
+
+`tsp` (tensor/sequence-parallel baseline): an even split; per layer every rank all-gathers all
+K/V and attends its queries densely over all N keys, masking the future.
+
+Bytes moved per layer (K and V of one token = b bytes): runahead sum_{r<p-1} end_r * b
+(= (p-1)N/2 * b for an even split), tsp (p-1)N * b.
+"""
+
+import time
+
+import mlx.core as mx
+from edgeprefill.prefill.base import PrefillStats, PromptCache
+from edgeprefill.prefill.full import as_token_array
+
+
+def even_partition(n, p):
+    """p contiguous chunk lengths summing to n, as even as possible (earlier ones +1)."""
+    p = max(1, min(p, n))
+    return [n // p + (1 if r < n % p else 0) for r in range(p)]
+
+
+def balanced_partition(n, p, config):
+    """Chunk lengths with equal analytic per-worker FLOPs (projections + MLP linear in the
+    chunk, attention growing with the prefix), so earlier chunks are larger."""
+    from edgeprefill.flops import attention_flops, layer_matmul_flops
+
+    p = max(1, min(p, n))
+    per_tok = layer_matmul_flops(config)
+
+    def cost(start, length):
+        return length * per_tok + attention_flops(config, length, start)
+
+    total = cost(0, n)
+    target = total / p
+    out, start = [], 0
+    for r in range(p - 1):
+        lo, hi = 1, n - start - (p - 1 - r)  # leave at least one token per later worker
+        while lo < hi:  # the longest chunk whose cost does not exceed the target
+            mid = (lo + hi + 1) // 2
+            if cost(start, mid) <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        out.append(lo)
+        start += lo
+    out.append(n - start)
+    return out
+
+
+def kv_bytes_per_token(model):
+    """Bytes of one token's K and V in one layer."""
+    return 2 * model.n_kv_heads * model.head_dim * mx.zeros((), model.dtype).itemsize
+
+
+def runahead_bytes(model, sizes):
+    """Bytes runahead sends over all layers for chunk `sizes`."""
+    ends = [sum(sizes[:r + 1]) for r in range(len(sizes))]
+    return sum(ends[:-1]) * kv_bytes_per_token(model) * model.n_layers
+
+
+def tsp_bytes(model, n, p):
+    """Bytes tsp's all-gathers deliver over all layers (each rank receives the others' K/V)."""
+    return (p - 1) * n * kv_bytes_per_token(model) * model.n_layers
+
+
+class RunaheadPrefill:
+    """One rank's part of a KV-Runahead prefill.
+
+    Args:
+        model: edgeprefill.models.Transformer (every rank holds the whole model).
+        group: an mx.distributed group (None: mx.distributed.init()).
+        partition: chunk lengths, or a callable (n, p) -> lengths; default balanced.
+    """
+
+    name = "runahead"
+
+    def __init__(self, model, group=None, partition=None):
+        self.model = model
+        self.group = group or mx.distributed.init()
+        self.partition = partition
+
+    def sizes(self, n):
+        p = self.group.size()
+        if self.partition is None:
+            sizes = balanced_partition(n, p, self.model.config)
+        elif callable(self.partition):
+            sizes = self.partition(n, p)
+        else:
+            sizes = list(self.partition)
+        if sum(sizes) != n or len(sizes) > p or min(sizes) < 1:
+            raise ValueError(f"partition {sizes} does not split {n} tokens over {p} workers")
+        return sizes
+
+    def _begin(self, prompt_ids, cache, counter):
+        """(start time, ids, n, sizes, rank, stats) shared by runahead and tsp."""
+        if cache is not None:
+            raise ValueError(f"{self.name} prefills a fresh conversation (no earlier cache)")
+        start = time.perf_counter()
+        ids = as_token_array(prompt_ids)
+        n = ids.shape[0]
+        sizes = self.sizes(n)
+        r = self.group.rank()
+        stats = PrefillStats(self.name, n, n, 0.0, {"sizes": sizes, "rank": r, counter: 0})
+        return start, ids, n, sizes, r, stats
+
+    def prefill(self, prompt_ids, cache=None, progress=None):
+        """Runs on every rank. The last rank returns (full cache, logits, stats); the others
+        return (None, None, stats) once their chunk has been handed on."""
+        g, m = self.group, self.model
+        start, ids, n, sizes, r, stats = self._begin(prompt_ids, cache, "bytes_sent")
+        p = len(sizes)
+        if r >= p:  # more workers than useful: this rank has nothing to do
+            stats.ttft_s = time.perf_counter() - start
+            return None, None, stats
+        s0 = sum(sizes[:r])
+        h = m.embed(ids[s0:s0 + sizes[r]][None])
+        cache = PromptCache(m.make_cache())
+        shape = (2, m.n_kv_heads, s0, m.head_dim)  # K and V in one message: no reordering
+        for i in range(m.n_layers):
+            if r > 0:  # the prefix's rotated K/V from the previous rank
+                kv = mx.distributed.recv(shape, m.dtype, r - 1, group=g)
+                cache[i].update_and_fetch(kv[0:1], kv[1:2])
+            h = m.block(i, h, cache=cache[i]).h
+            if r < p - 1:
+                kv = mx.concatenate(cache[i].keys_and_values(), axis=0)
+                mx.eval(h, mx.distributed.send(kv, r + 1, group=g))
+                stats.extra["bytes_sent"] += kv.nbytes
+            else:
+                mx.eval(h, cache[i].keys_and_values())
+        logits = None
+        if r == p - 1:
+            logits = m.head(h[:, -1:])[0, -1].astype(mx.float32)
+            mx.eval(logits)
+            cache.tokens.extend(ids.tolist())
+        else:
+            cache = None
+        stats.ttft_s = time.perf_counter() - start
+        return cache, logits, stats
+
+
+class TspPrefill(RunaheadPrefill):
+    """The tsp baseline: even split, all-gather of K/V per layer, dense attention with a mask."""
+
+    name = "tsp"
+
+    def sizes(self, n):
+        return even_partition(n, self.group.size())
+
+    def prefill(self, prompt_ids, cache=None, progress=None):
+        g, m = self.group, self.model
+        start, ids, n, sizes, r, stats = self._begin(prompt_ids, cache, "bytes_received")
+        p_all = g.size()
+        c = max(sizes)  # all-gather needs equal shapes: pad every chunk to the largest
+        s0 = sum(sizes[:r]) if r < len(sizes) else n
+        mine = sizes[r] if r < len(sizes) else 0
+        tok = ids[s0:s0 + mine]
+        if mine < c:
+            tok = mx.concatenate([tok, mx.zeros((c - mine,), dtype=mx.int32)])
+        h = m.embed(tok[None])
+        qpos = mx.arange(s0, s0 + c)
+        # key j of the gathered layout: rank j // c, offset j % c -> its absolute position
+        kpos = mx.array([sum(sizes[:q]) + o if q < len(sizes) and o < sizes[q] else n + 1
+                         for q in range(p_all) for o in range(c)])
+        mask = kpos[None, :] <= qpos[:, None]
+        keep = [q * c + o for q in range(len(sizes)) for o in range(sizes[q])]
+        # the gathered keys plus this rank's own (appended by the block, masked out: the
+        # gathered copy already holds them) -- dense scores over every position, then the mask
+        mask = mx.concatenate([mask, mx.zeros((c, c), dtype=mx.bool_)], axis=1)
+        cache = PromptCache(m.make_cache())
+        H = m.n_kv_heads
+        for i in range(m.n_layers):
+            k, v = m.project_kv(i, h)
+            k_rot = m.rotate_keys(i, k, positions=qpos)
+            gk = mx.distributed.all_gather(k_rot[0], group=g)  # (p*Hkv, c, hd)
+            gv = mx.distributed.all_gather(v[0], group=g)
+            gk = gk.reshape(p_all, H, c, -1).transpose(1, 0, 2, 3).reshape(1, H, p_all * c, -1)
+            gv = gv.reshape(p_all, H, c, -1).transpose(1, 0, 2, 3).reshape(1, H, p_all * c, -1)
+            stats.extra["bytes_received"] += (p_all - 1) * (k_rot.nbytes + v.nbytes)
+            h = m.block(i, h, positions=qpos, replace_kv=(k, v), prefix_kv=(gk, gv),
+                        mask=mask).h
+            if r == len(sizes) - 1:
+                sel = mx.array(keep)
+                cache[i].update_and_fetch(gk[:, :, sel], gv[:, :, sel])
+            mx.eval(h)
+        logits = None
+        if r == len(sizes) - 1:
+            logits = m.head(h[:, mine - 1:mine])[0, -1].astype(mx.float32)
+            mx.eval(logits, [x.keys_and_values() for x in cache])
+            cache.tokens.extend(ids.tolist())
+        else:
+            cache = None
+        stats.ttft_s = time.perf_counter() - start
+        return cache, logits, stats
+
+

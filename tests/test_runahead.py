@@ -1,0 +1,97 @@
+"""KV-Runahead and tsp over real mx.distributed processes (ring backend on 127.0.0.1)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgeprefill.loading import load
+from edgeprefill.prefill.runahead import (balanced_partition, even_partition, runahead_bytes,
+                                          tsp_bytes)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_models):
+    return load(str(tiny_models["qwen3"]))
+
+
+@pytest.mark.parametrize("strategy,workers,n,sizes", [
+    ("runahead", 2, 23, None),          # balanced, n not divisible by p
+    ("runahead", 3, 23, [12, 7, 4]),    # uneven, earlier chunks larger
+    ("runahead", 3, 2, None),           # more workers than useful
+    ("tsp", 3, 10, None),               # even split, padded all-gather
+])
+def test_parallel_prefill_equals_full(lm, strategy, workers, n, sizes):
+    from apps.runahead import run_prefill
+
+    ids = list(range(5, 5 + n))
+    r = run_prefill(lm, ids, strategy, workers, timeout=120, sizes=sizes, check=True)
+    assert r["max_logit_diff"] < 1e-4 and r["max_cache_diff"] < 1e-4
+    assert r["cache_offset"] == n and sum(r["sizes"]) == n
+    if sizes:
+        assert r["sizes"] == sizes
+
+
+def test_partitions_and_bytes_moved(lm):
+    m = lm.model
+    assert even_partition(23, 3) == [8, 8, 7] and even_partition(2, 3) == [1, 1]
+    bal = balanced_partition(2048, 3, lm.config)
+    assert sum(bal) == 2048 and bal[0] > bal[1] > bal[2]  # later tokens attend to more keys
+    n, p = 24, 3
+    per_tok_layers = 2 * m.n_kv_heads * m.head_dim * 4 * m.n_layers  # fp32 K and V
+    assert runahead_bytes(m, even_partition(n, p)) == (p - 1) * n // 2 * per_tok_layers
+    assert tsp_bytes(m, n, p) == (p - 1) * n * per_tok_layers
+
+
+def test_dead_worker_gives_a_clear_error_without_hanging(lm, tmp_path):
+    from apps.runahead import launch
+    from edgeprefill.errors import EdgeprefillError
+
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps(list(range(5, 25))))
+    args = ["--model", lm.spec, "--strategy", "runahead", "--ids", str(ids), "--out",
+            str(tmp_path / "out.json"), "--die-rank", "1"]
+    with pytest.raises(EdgeprefillError, match="runahead worker"):
+        launch(2, args, timeout=30)
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_generate_cli_with_runahead_workers(tiny_models, cli_env):
+    model = str(tiny_models["llama"])
+    outs = {}
+    for strategy in ("full", "runahead"):
+        r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", model,
+                            "--prompt", "the quick brown fox jumps over the lazy dog",
+                            "--strategy", strategy, "--workers", "2", "--max-tokens", "5",
+                            "--json"], env=cli_env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        outs[strategy] = json.loads(r.stdout)
+    assert outs["runahead"]["text"] == outs["full"]["text"]
+    assert outs["runahead"]["stats"]["workers"] == 2
+
+
+def test_partition_table_interpolates_and_falls_back(lm, tmp_path, capsys):
+    from apps.runahead import mixed_partition, partition_from_table
+
+    table = tmp_path / "t.json"
+    table.write_text(json.dumps({lm.model_id: {"2": {"100": 0.0, "300": 1.0}}}))
+    assert partition_from_table(lm.model_id, 100, 2, lm.config, table) == [50, 50]
+    mid = partition_from_table(lm.model_id, 200, 2, lm.config, table)
+    assert mid == mixed_partition(200, 2, lm.config, 0.5) and sum(mid) == 200
+    assert partition_from_table(lm.model_id, 999, 2, lm.config, table) == mixed_partition(
+        999, 2, lm.config, 1.0)
+    assert partition_from_table(lm.model_id, 10, 3, lm.config, table) == [4, 3, 3]
+    assert "no tuned runahead partition" in capsys.readouterr().err
+
+
+def test_tune_writes_a_table(tiny_models, cli_env, tmp_path):
+    out = tmp_path / "table.json"
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "runahead", "tune", "--model",
+                        str(tiny_models["llama"]), "--workers", "2", "--prompt-tokens", "40",
+                        "--alphas", "0,1", "--out", str(out)], env=cli_env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    table = json.loads(out.read_text())
+    (entry,) = table.values()
+    assert entry["2"]["40"] in (0.0, 1.0)
