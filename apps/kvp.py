@@ -259,7 +259,7 @@ def run_sweep(args):
                       f"{r['ttft_s'] * 1e3:.0f}", f"{r['first_token_agreement']:.2f}",
                       f"{r['first_token_kl']:.3f}", f"{r['nll_ratio']:.2f}",
                       f"{r['greedy_match']:.1f}")
-    Console().print(table)
+    Console(width=max(Console().width, 110)).print(table)
     header = {"model": lm.model_id, "pairs": len(refs), "prompt_tokens_mean": n_prompt,
               "data": args.data or "built-in held-out pairs"}
     write_json(args.json_out, {"header": header, "records": records})
