@@ -1,6 +1,7 @@
 """KV-Runahead on local processes: the worker every rank runs (under `mlx.launch`), the launcher
 that starts them with a timeout, and `edgeprefill runahead tune` (the partition table)."""
 
+import argparse
 import json
 import os
 import signal
@@ -37,14 +38,8 @@ def add_parser(sub):
     w.add_argument("--check", action="store_true", help="last rank compares with full prefill")
     w.add_argument("--max-tokens", type=int, default=0, help="last rank decodes this many")
     w.add_argument("--out", required=True, help="JSON result written by the last rank")
-    w.add_argument("--die-rank", type=int, default=None, help=argparse_suppress())
+    w.add_argument("--die-rank", type=int, default=None, help=argparse.SUPPRESS)
     w.set_defaults(run=run_worker)
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def mixed_partition(n, p, config, alpha):

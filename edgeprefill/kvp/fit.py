@@ -22,9 +22,8 @@ def _np64(x):
 class RidgeAccumulator:
     """Running X^T X per (aux layer, K|V) and X^T Y per (base layer, K|V) for a predictor."""
 
-    def __init__(self, predictor, skip=0):
+    def __init__(self, predictor):
         self.predictor = predictor
-        self.skip = skip  # leading positions of each window left out (exact sinks)
         self.xtx = {}
         self.xty = {}
         self.tokens = 0
@@ -37,7 +36,7 @@ class RidgeAccumulator:
         for i in pred.predicted:
             j = pred.layer_map[i]
             if j not in xs:
-                xk, xv = pred.features(aux_out, j, self.skip)
+                xk, xv = pred.features(aux_out, j)
                 xs[j] = {}
                 for t, x in (("k", xk), ("v", xv)):
                     if t == "v" and xv is xk:
@@ -49,7 +48,7 @@ class RidgeAccumulator:
                     xs[j][t] = x
                     self.xtx[j, t] = self.xtx.get((j, t), 0) + x.T @ x
             for t, y in zip("kv", base_kv[i]):
-                y = merge_heads(y[:, :, self.skip:])
+                y = merge_heads(y)
                 self.xty[i, t] = self.xty.get((i, t), 0) + xs[j][t].T @ _np64(y)
         self.tokens += aux_out.h.shape[1]
 
@@ -92,7 +91,7 @@ def collect_pair(base, aux, predictor, ids):
     return aux_out, base_kv
 
 
-def fit_ridge(base, aux, predictor, chunks, lam=1e-3, progress=None, skip=0):
+def fit_ridge(base, aux, predictor, chunks, lam=1e-3, progress=None):
     """Fit a KVPredictor in closed form.
 
     Args:
@@ -102,11 +101,10 @@ def fit_ridge(base, aux, predictor, chunks, lam=1e-3, progress=None, skip=0):
         chunks: iterable of token-id lists (each a causal window of fitting text).
         lam: ridge strength relative to the data's scale.
         progress: optional callable(tokens_done) after each chunk.
-        skip: leading positions of each window not fitted (the strategy's exact `sink`).
     Returns:
         (predictor, tokens used).
     """
-    acc = RidgeAccumulator(predictor, skip)
+    acc = RidgeAccumulator(predictor)
     for ids in chunks:
         acc.add(*collect_pair(base, aux, predictor, ids))
         if progress:

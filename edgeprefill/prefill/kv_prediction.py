@@ -32,7 +32,7 @@ class KVPrediction:
 
     name = "kvp"
 
-    def __init__(self, model, aux, predictor, chunk_size=None, tail=1, sink=0):
+    def __init__(self, model, aux, predictor, chunk_size=None, tail=1):
         self.model = model
         self.aux = aux
         self.predictor = predictor
@@ -41,7 +41,6 @@ class KVPrediction:
         if tail < 1:
             raise ValueError(f"tail must be >= 1 (got {tail})")
         self.tail = tail
-        self.sink = max(0, sink)
 
     def make_cache(self):
         cache = PromptCache(self.model.make_cache())
@@ -75,13 +74,6 @@ class KVPrediction:
             raise ValueError("kvp continues only a conversation it started (its aux cache)")
         base = self.model
         tail = min(self.tail, n)
-        sink = min(self.sink, n - tail) if cache[0].offset == 0 else 0
-        if sink:  # the conversation's first tokens, exact (attention sinks)
-            h = base.embed(ids[:sink][None])
-            for i in range(base.n_layers):
-                h = base.block(i, h, cache=cache[i]).h
-            cache.tokens.extend(ids[:sink].tolist())
-            ids, n = ids[sink:], n - sink
         gap = cache.tokens[cache.aux[0].offset:]  # tokens the base holds that the aux has not seen
         head = ids[:n - tail]
         aux_ids = mx.concatenate([mx.array(gap, dtype=mx.int32), head]) if gap else head
@@ -100,5 +92,5 @@ class KVPrediction:
             progress(total, total)
         stats = PrefillStats(self.name, total, cache[0].offset, time.perf_counter() - start,
                              {"aux_s": t_aux, "aux_tokens": int(aux_ids.shape[0]),
-                              "aux": self.aux.kind, "tail": tail, "sink": sink})
+                              "aux": self.aux.kind, "tail": tail})
         return cache, logits, stats
