@@ -7,7 +7,7 @@ CORE := $(VENV)/.core-installed
 FULL := $(VENV)/.full-installed
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup demo chat test bench bench-blas fast-blas clean kvp-default kvp-sweep
+.PHONY: setup demo chat test bench bench-blas fast-blas clean kvp-default kvp-sweep export
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -62,13 +62,17 @@ bench-blas: $(CORE)
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-# The default pair's KV Prediction artifacts: T-0.50 with a hidden-state predictor (what
-# --strategy kvp uses; also fitted on first use), and the paper's LP-0.50 and LP-0.25.
+# The paper's layer-pruned KV Prediction pairs for the default model (LP-0.50, LP-0.25); the
+# default T-0.50 pair ships trained and is installed by the first --strategy kvp.
 kvp-default: $(CORE)
-	$(BIN)/edgeprefill kvp fit --model default --aux T-0.50
 	$(BIN)/edgeprefill kvp fit --model default --aux LP-0.50
 	$(BIN)/edgeprefill kvp fit --model default --aux LP-0.25
 
 # The Pareto sweep of aux kinds on held-out text (JSON + PNG).
 kvp-sweep: $(FULL)
 	$(BIN)/edgeprefill kvp sweep --model default --json kvp-sweep.json --plot kvp-sweep.png
+
+# The default model and pair as a Core ML package for the Neural Engine, checked in the numpy
+# MIL interpreter against the torch mirror.
+export: $(FULL)
+	$(BIN)/edgeprefill export --model default --kvp default --out smollm2.mlpackage --force --verify

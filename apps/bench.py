@@ -75,7 +75,8 @@ class MlxRunner:
     def available(self):
         from edgeprefill.prefill import SCHEDULES
 
-        return ("full", "mlx-lm", "kvp", "aux-only", "lazy", "runahead", "tsp") + tuple(
+        return ("full", "mlx-lm", "kvp", "aux-only", "lazy", "runahead", "tsp",
+                "runahead-streams") + tuple(
             f"lazy-{s}" for s in SCHEDULES)
 
     def strategy(self, name):
@@ -380,8 +381,6 @@ def run(args):
     kvp = None
     if {"kvp", "aux-only"} & set(strategies) and not random_pair:
         kvp = strategy_options(args, lm, "kvp")["artifact"]
-    if {"runahead", "tsp"} & set(strategies) and args.shape:
-        raise EdgeprefillError("runahead / tsp workers load --model themselves: not with --shape")
     runner = (MlxRunner(lm, args.chunk_size, kvp, random_pair, args.workers)
               if args.backend == "mlx"
               else MirrorRunner(lm, args.chunk_size, args.device, kvp))

@@ -13,7 +13,7 @@ from edgeprefill.errors import EdgeprefillError
 HELP = """commands:
   /help              this text
   /reset             forget the conversation (and its caches)
-  /strategy NAME     prefill strategy: full, kvp, aux-only, lazy, lazy-<schedule>
+  /strategy NAME     prefill strategy: full, kvp, aux-only, lazy, lazy-<schedule>, runahead
   /system TEXT       set the system message (starts a new conversation)
   /stats             session totals
   /save FILE         save the conversation and its caches
@@ -32,7 +32,10 @@ def add_parser(sub):
     p = sub.add_parser("chat", help="chat in the terminal (multi-turn, cache reuse)")
     add_model_args(p)
     p.add_argument("--strategy", default="full",
-                   help="prefill strategy: full, kvp, aux-only, lazy, lazy-<schedule>")
+                   help="prefill strategy: full, kvp, aux-only, lazy, lazy-<schedule>, "
+                   "runahead (local worker processes; later turns extend the cache here)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="runahead: local worker processes, started once for the session")
     p.add_argument("--kvp", default=None, metavar="FOLDER",
                    help="KV Prediction artifact (default: the model's default pair)")
     p.add_argument("--system", default=None, help="system message")
@@ -70,14 +73,27 @@ class Session:
         from apps.generate import strategy_options
         from edgeprefill.prefill import make_strategy
 
+        old = getattr(self, "strategy", None)
+        if name == "runahead":
+            from apps.runahead import PooledRunahead
+
+            self.console.print(f"[dim]starting {self.args.workers} runahead workers ...[/dim]")
+            new = PooledRunahead(self.lm, self.args.workers)
+        else:
+            new = make_strategy(name, self.lm.model, **strategy_options(self.args, self.lm, name))
+        if hasattr(old, "close"):
+            old.close()
         self.args.strategy = name
-        self.strategy = make_strategy(name, self.lm.model,
-                                      **strategy_options(self.args, self.lm, name))
+        self.strategy = new
         self.strategy_name = name
         self.cache = None  # caches are per strategy (kvp keeps an aux cache, lazy subsets)
 
     def reset(self):
         self.messages, self.cache = [], None
+
+    def close(self):
+        if hasattr(self.strategy, "close"):
+            self.strategy.close()
 
     def _new_tokens(self, ids):
         """Tokens to prefill: what the cache lacks; the cache is trimmed to the common prefix
@@ -322,8 +338,17 @@ def run(args):
             raise EdgeprefillError("the prompt is empty: pass --prompt TEXT or pipe text in")
     lm = load(args.model, dtype=args.dtype)
     session = Session(lm, args, console)
-    if one_shot:
-        session.turn(text)
+    try:
+        return interact(session, console, text if one_shot else None)
+    finally:
+        session.close()
+
+
+def interact(session, console, one_shot_text=None):
+    """The read-eval loop (or a single turn)."""
+    lm = session.lm
+    if one_shot_text is not None:
+        session.turn(one_shot_text)
         return 0
     try:
         import readline  # noqa: F401  (line editing and history for input())

@@ -6,7 +6,7 @@ import sys
 from edgeprefill.blas import ensure_fast_blas
 from edgeprefill.errors import EdgeprefillError
 
-COMMANDS = ("generate", "chat", "bench", "eval", "info", "kvp", "runahead")
+COMMANDS = ("generate", "chat", "bench", "eval", "info", "kvp", "runahead", "export")
 
 
 def build_parser():

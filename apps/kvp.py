@@ -168,13 +168,41 @@ def builtin_refs(lm, n_pairs, console, data=None, greedy_tokens=16):
     return refs
 
 
+def bundled_dir():
+    """edgeprefill/assets: trained pairs shipped with the package."""
+    import edgeprefill
+
+    return Path(edgeprefill.__file__).resolve().parent / "assets"
+
+
 def ensure_default_artifact(lm, path):
-    """Fit the default pair on first use (the bundled model only), else say how to make it."""
+    """The default pair on first use (the bundled model only): the trained pair shipped with
+    edgeprefill when it matches the model, else a ridge fit; other models are left alone."""
+    import shutil
+
     from rich.console import Console
+
+    from edgeprefill.fsio import atomic_folder
+    from edgeprefill.kvp.artifact import load_artifact
 
     if Path(path).exists() or lm.spec != "default":
         return path
     console = Console(stderr=True)
+    shipped = bundled_dir() / Path(path).name
+    if shipped.is_dir():
+        try:
+            _, _, card = load_artifact(shipped, lm.model)
+        except EdgeprefillError:
+            card = None  # a different build of the model: fit one instead
+        if card is not None:
+            with atomic_folder(Path(path)) as tmp:
+                for f in shipped.iterdir():
+                    shutil.copy2(f, tmp / f.name)
+            q = card.get("quality") or {}
+            console.print(f"[dim]kvp: installed the bundled default pair ({DEFAULT_AUX}, "
+                          f"trained; held-out first-token agreement "
+                          f"{q.get('first_token_agreement', float('nan')):.2f}) in {path}[/dim]")
+            return path
     console.print(f"[dim]first use of kvp: fitting the default pair ({DEFAULT_AUX}, hidden-state "
                   f"predictor) into {path}, about two minutes, once[/dim]")
     fit_artifact(lm, DEFAULT_AUX, path, console=console)

@@ -32,6 +32,9 @@ def add_train_parser(ksub):
     t.add_argument("--warmup", type=int, default=20)
     t.add_argument("--tokens", type=int, default=300000,
                    help="fitting text to sample training windows from")
+    t.add_argument("--data", default="default", choices=["default", "wide"],
+                   help="fitting text: default (31 stdlib modules + prose) or wide (every "
+                   "stdlib module but the held-out ones, ~4M tokens of code)")
     t.add_argument("--ridge-tokens", type=int, default=30000)
     t.add_argument("--tail", type=int, default=1, help="exact tail recorded in the card")
     t.add_argument("--seed", type=int, default=0)
@@ -63,7 +66,7 @@ def run_train(args):
 
     from apps.kvp import (build_predictor, builtin_refs, default_artifact_path, evaluate_refs,
                           make_kvp_strategy, resolve_source)
-    from edgeprefill.data import FIT_DATA, fit_chunks
+    from edgeprefill.data import FIT_DATA, WIDE_FIT_DATA, fit_chunks
     from edgeprefill.kvp.artifact import load_artifact, save_artifact
     from edgeprefill.kvp.aux import parse_aux_kind
     from edgeprefill.kvp.fit import fit_ridge
@@ -96,7 +99,7 @@ def run_train(args):
             task = bar.add_task(aux.kind, total=sum(len(c) for c in chunks))
             pred, _ = fit_ridge(base, aux, pred, chunks,
                                 progress=lambda d: bar.update(task, completed=d))
-    windows = fit_chunks(lm.tokenizer, args.tokens, args.seq + 1)
+    windows = fit_chunks(lm.tokenizer, args.tokens, args.seq + 1, wide=args.data == "wide")
     if len(windows) < 2:
         raise EdgeprefillError("too little fitting text for these --tokens/--seq")
 
@@ -157,7 +160,8 @@ def run_train(args):
                 "backend": args.backend if args.backend == "mlx" else f"mirror-{args.device}",
                 "steps": trainer.step, "batch": args.batch, "seq": args.seq, "lr": args.lr,
                 "tokens_seen": trainer.step * args.batch * args.seq,
-                "objective": args.objective, "train_aux": train_aux, "data": FIT_DATA,
+                "objective": args.objective, "train_aux": train_aux,
+                "data": WIDE_FIT_DATA if args.data == "wide" else FIT_DATA,
                 "log": log_path.name}
     save_artifact(out, pred, aux, base, lm.model_id, fit_info, quality, tail=args.tail,
                   aux_weights=aux_weights)

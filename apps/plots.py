@@ -89,3 +89,30 @@ def pareto_plot(records, path, title):
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     _save(plt, fig, path)
+
+
+def projection_plot(record, path):
+    """One panel per link speed: projected TTFT vs machines (runahead, tsp, full on one), for
+    each prompt length; measured runs (validation) as crosses where given."""
+    rows = record["projection"]
+    speeds = sorted({r["gbit_s"] for r in rows})
+    plt, fig, axes = _figure(len(speeds))
+    colors = {}
+    for ax, gb in zip(axes, speeds):
+        for n in sorted({r["n"] for r in rows}):
+            pts = sorted((r for r in rows if r["gbit_s"] == gb and r["n"] == n),
+                         key=lambda r: r["workers"])
+            ps = [1] + [r["workers"] for r in pts]
+            line, = ax.plot(ps, [pts[0]["full_s"]] + [r["runahead_s"] for r in pts], "o-",
+                            color=colors.get(n), label=f"{n} tok runahead")
+            colors[n] = line.get_color()
+            ax.plot(ps[1:], [r["tsp_s"] for r in pts], "s--", color=colors[n],
+                    label=f"{n} tok tsp", alpha=0.7)
+        ax.set(xlabel="machines", ylabel="TTFT (s)", yscale="log",
+               title=f"{gb:g} Gb/s links, {record['latency_us']:g} us")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Projected KV-Runahead TTFT, {record['model']} (layer times measured on "
+                 f"{record['machine'].get('mlx_device', '?')}, {record['date'][:10]})",
+                 fontsize=10)
+    _save(plt, fig, path)

@@ -27,17 +27,39 @@ def add_parser(sub):
     t.add_argument("--alphas", default="0,0.5,1,1.5",
                    help="partitions searched: 0 = even, 1 = FLOP-balanced, between/beyond mixes")
     t.add_argument("--out", default=None, help="table file (default: the cache)")
+    t.add_argument("--shape", default=None,
+                   help="random-weight model of a real shape instead of --model (e.g. llama-8b)")
+    t.add_argument("--trials", type=int, default=3, help="timed prefills per point (min kept)")
+    t.add_argument("--with-tsp", action="store_true",
+                   help="also time tsp at each length and the link between two workers")
+    t.add_argument("--json", default=None, help="write every timing here")
+    t.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="mx.distributed backend (auto: nccl on CUDA GPUs, else ring)")
+    t.add_argument("--timeout", type=float, default=1800, help="seconds for one launch")
     t.set_defaults(run=run_tune)
+    j = rsub.add_parser("project", help="projected TTFT of runahead / tsp / full on 2..8 "
+                        "machines from layer times measured here and a link model")
+    add_model_args(j)
+    j.add_argument("--shape", default=None,
+                   help="random-weight model of a real shape instead of --model (e.g. llama-8b)")
+    j.add_argument("--workers", default="2,3,4,5,6,7,8", help="comma list of machine counts")
+    j.add_argument("--prompt-tokens", default="4096,8192,16384")
+    j.add_argument("--links", default="10,40", help="comma list of link speeds in Gb/s")
+    j.add_argument("--latency-us", type=float, default=50.0, help="one-way link latency")
+    j.add_argument("--measured", default=None, metavar="TUNE_JSON",
+                   help="`runahead tune --with-tsp --json` records (comma list): predict "
+                   "those runs with their measured link and print predicted beside measured")
+    j.add_argument("--chunk-size", type=int, default=None, help="full prefill's chunk")
+    j.add_argument("--json", default=None, help="write the projection here")
+    j.add_argument("--plot", default=None, help="write a PNG: projected TTFT vs machines")
+    j.set_defaults(run=run_project)
     w = rsub.add_parser("worker", help="(internal) one rank of a runahead/tsp prefill")
     add_model_args(w)
-    w.add_argument("--strategy", default="runahead", choices=["runahead", "tsp"])
-    w.add_argument("--ids", required=True, help="JSON file of prompt token ids")
-    w.add_argument("--sizes", default=None, help="comma list of chunk lengths")
-    w.add_argument("--alpha", type=float, default=None)
-    w.add_argument("--trials", type=int, default=1)
-    w.add_argument("--check", action="store_true", help="last rank compares with full prefill")
-    w.add_argument("--max-tokens", type=int, default=0, help="last rank decodes this many")
-    w.add_argument("--out", required=True, help="JSON result written by the last rank")
+    w.add_argument("--jobs", required=True, help="JSON file: the prefills to run (see run_jobs)")
+    w.add_argument("--serve", default=None, metavar="FOLDER",
+                   help="stay up and run job files appearing in FOLDER (see RunaheadPool)")
+    w.add_argument("--out", required=True, help="results file prefix: each reporting rank writes OUT.rank<r>")
+    w.add_argument("--backend", default="auto", choices=BACKENDS)
     w.add_argument("--die-rank", type=int, default=None, help=argparse.SUPPRESS)
     w.set_defaults(run=run_worker)
 
@@ -45,14 +67,9 @@ def add_parser(sub):
 def mixed_partition(n, p, config, alpha):
     """Chunk lengths between even (alpha 0) and FLOP-balanced (alpha 1), extrapolated beyond."""
     from edgeprefill.prefill.runahead import balanced_partition, even_partition
+    from edgeprefill.projection import mix_sizes
 
-    ev, bal = even_partition(n, p), balanced_partition(n, p, config)
-    if len(ev) != len(bal):
-        return ev
-    raw = [max(1.0, e + alpha * (b - e)) for e, b in zip(ev, bal)]
-    sizes = [max(1, int(round(x * n / sum(raw)))) for x in raw]
-    sizes[-1] = n - sum(sizes[:-1])
-    return sizes if sizes[-1] >= 1 else ev
+    return mix_sizes(even_partition(n, p), balanced_partition(n, p, config), alpha, n)
 
 
 def table_path():
@@ -89,54 +106,267 @@ def partition_from_table(model_id, n, p, config, path=None, warn=True):
     return mixed_partition(n, p, config, alpha)
 
 
-def launch(n_workers, worker_args, timeout=120, hostfile=None):
-    """Run `edgeprefill runahead worker` on n_workers ranks through mlx.launch (ring backend);
-    kill every rank and raise a one-line error if they do not finish within `timeout`."""
+BACKENDS = ("auto", "ring", "nccl")
+
+
+def resolve_backend(backend):
+    """'auto': NCCL where MLX sees a CUDA GPU (one GPU per rank), else the ring (TCP)."""
+    if backend != "auto":
+        return backend
+    import mlx.core as mx
+
+    return "nccl" if mx.cuda.is_available() else "ring"
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(n_workers, worker_args, timeout=120, hostfile=None, backend="auto"):
+    """Run `edgeprefill runahead worker` on n_workers ranks: over machines through mlx.launch
+    (`hostfile`), else as local processes started here with the environment mlx.launch gives
+    them (ring: MLX_HOSTFILE + MLX_RANK; NCCL: rendezvous address, MLX_RANK, one GPU a rank).
+    Local ranks skip mlx.launch because its output relay polls a CPU core busy (measured 87%
+    of a core on this 2-core machine), which would slow the ranks it times. Every rank is
+    killed and a one-line error raised if they do not all finish within `timeout`."""
     if n_workers < 1:
         raise EdgeprefillError("--workers must be >= 1")
-    launcher = Path(sys.executable).with_name("mlx.launch")
-    cmd = [str(launcher) if launcher.exists() else "mlx.launch", "--backend", "ring"]
-    cmd += ["--hostfile", str(hostfile)] if hostfile else ["-n", str(n_workers)]
-    cmd += ["--", sys.executable, "-m", "apps.cli", "runahead", "worker", *worker_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    backend = resolve_backend(backend)
+    worker = [sys.executable, "-m", "apps.cli", "runahead", "worker", "--backend", backend,
+              *worker_args]
+    if hostfile:
+        launcher = Path(sys.executable).with_name("mlx.launch")
+        cmd = [str(launcher) if launcher.exists() else "mlx.launch", "--backend", backend,
+               "--hostfile", str(hostfile)]
+        if backend == "nccl":  # NVLink multicast stays off (shared hosts)
+            cmd += ["--nccl-port", str(free_port()), "--env", "NCCL_NVLS_ENABLE=0"]
+        return _wait([subprocess.Popen(cmd + ["--", *worker], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True,
+                                       start_new_session=True)], timeout)
+    with tempfile.TemporaryDirectory() as tmp:
+        return _wait(start_local(n_workers, worker, backend, tmp), timeout)
+
+
+def start_local(n_workers, worker, backend, tmp, output=subprocess.PIPE):
+    """Start the local ranks of `worker` (a command) with mx.distributed's environment."""
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", MLX_WORLD_SIZE=str(n_workers))
+    if backend == "ring":
+        ring = Path(tmp) / "ring.json"
+        ring.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(n_workers)])
+                        if n_workers > 1 else "")
+        env["MLX_HOSTFILE"] = str(ring)
+    else:
+        env.update(NCCL_HOST_IP="127.0.0.1", NCCL_PORT=str(free_port()))
+    procs = []
+    gpus = gpu_count()
+    for rank in range(n_workers):
+        renv = dict(env, MLX_RANK=str(rank))
+        if gpus:  # one GPU a rank (round robin), whatever the backend
+            renv["CUDA_VISIBLE_DEVICES"] = str(rank % gpus)
+        procs.append(subprocess.Popen(worker, env=renv, stdout=output, stderr=output,
+                                      text=True, start_new_session=True))
+    return procs
+
+
+def gpu_count():
+    """CUDA GPUs MLX sees here (0 without CUDA)."""
+    import mlx.core as mx
+
+    if not mx.cuda.is_available():
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return len([x for x in visible.split(",") if x.strip()])
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise EdgeprefillError(
-            f"runahead workers did not finish within {timeout:.0f} s (a worker died or a peer "
-            "never connected): check the hosts and ports, or use fewer --workers") from None
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        return max(1, out.stdout.count("GPU "))
+    except (OSError, subprocess.SubprocessError):
+        return 1
+
+
+def _wait(procs, timeout):
+    """Wait for every process; on a failure or the timeout kill them all and raise."""
+    import threading
+    import time
+
+    outs = [[] for _ in procs]
+    threads = [threading.Thread(target=lambda p=p, o=o: o.extend(p.communicate()), daemon=True)
+               for p, o in zip(procs, outs)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+
+    def kill_all():
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for t in threads:
+            t.join(5)
+
+    failed = []
+    while any(p.poll() is None for p in procs):
+        failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+        if failed or time.monotonic() > deadline:
+            kill_all()
+            if not failed:
+                raise EdgeprefillError(
+                    f"runahead workers did not finish within {timeout:.0f} s (a worker died or "
+                    "a peer never connected): check the hosts and ports, or use fewer --workers")
+            break
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    out = "".join(o[0] for o in outs if o)
+    err = "".join(o[1] for o in outs if len(o) > 1)
     died = [x for x in (out + err).splitlines() if "exited with code" in x]
-    if proc.returncode != 0 or died:
+    bad = failed or [r for r, p in enumerate(procs) if p.returncode != 0]
+    if bad or died:
+        rank, code = (bad[0], procs[bad[0]].returncode) if bad else ("?", "?")
         last = died[:1] or [x for x in err.strip().splitlines() if x.strip()][-1:] or [
-            "no output"]
-        raise EdgeprefillError(f"a runahead worker failed ({last[0][:200]}): see the worker "
-                               "output above or run with fewer --workers")
+            f"exit code {code}"]
+        where = f"rank {rank} " if len(procs) > 1 else ""
+        raise EdgeprefillError(f"a runahead worker failed ({where}{last[0][:200]}): see the "
+                               "worker output above or run with fewer --workers")
     return out, err
 
 
-def run_prefill(lm, ids, strategy, n_workers, timeout=300, sizes=None, check=False,
-                max_tokens=0, trials=1, hostfile=None, alpha=None, dtype="auto"):
-    """Launch the workers on `ids`; the last rank's JSON result."""
+def run_jobs(lm, jobs, n_workers, timeout=300, hostfile=None, dtype="auto", backend="auto",
+             link=False):
+    """Launch the workers once and run every job on them (no process start or model load
+    between jobs). A job: {"strategy": "runahead"|"tsp", "ids": [...], optional "sizes",
+    "alpha", "trials", "check", "max_tokens", "logits"}. With `link`, the last two ranks time
+    point-to-point messages (the projection model's link figures).
+
+    Returns:
+        the last rank's results: {"results": [one dict per job], "link": [...]}.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        ids_file, out_file = Path(tmp) / "ids.json", Path(tmp) / "out.json"
-        ids_file.write_text(json.dumps(list(ids)))
-        args = ["--model", lm.spec, "--dtype", dtype, "--strategy", strategy, "--ids",
-                str(ids_file), "--out", str(out_file), "--trials", str(trials)]
-        if sizes:
-            args += ["--sizes", ",".join(map(str, sizes))]
-        if alpha is not None:
-            args += ["--alpha", str(alpha)]
-        if check:
-            args.append("--check")
-        if max_tokens:
-            args += ["--max-tokens", str(max_tokens)]
-        launch(n_workers, args, timeout, hostfile)
-        if not out_file.is_file():
-            raise EdgeprefillError("the last runahead worker wrote no result: see its output")
-        return json.loads(out_file.read_text())
+        jobs_file, out_file = Path(tmp) / "jobs.json", Path(tmp) / "out.json"
+        jobs_file.write_text(json.dumps({"jobs": jobs, "link": link}))
+        args = ["--model", lm.spec, "--dtype", dtype or "auto", "--jobs", str(jobs_file),
+                "--out", str(out_file)]
+        launch(n_workers, args, timeout, hostfile, backend)
+        parts = [json.loads(f.read_text()) for f in sorted(Path(tmp).glob("out.json.rank*"))]
+        results = {r["job"]: r for part in parts for r in part["results"]}
+        if len(results) != len(jobs):
+            raise EdgeprefillError("a runahead worker wrote no result: see the worker output")
+        report = {k: v for part in parts for k, v in part.items() if k != "results" and v}
+        report["results"] = [results[i] for i in range(len(jobs))]
+        return report
+
+
+def run_prefill(lm, ids, strategy, n_workers, timeout=300, sizes=None, check=False,
+                max_tokens=0, trials=1, hostfile=None, alpha=None, dtype="auto", backend="auto"):
+    """Launch the workers on `ids`; the last rank's JSON result."""
+    job = {"strategy": strategy, "ids": list(ids), "sizes": sizes, "alpha": alpha,
+           "trials": trials, "check": check, "max_tokens": max_tokens}
+    return run_jobs(lm, [job], n_workers, timeout, hostfile, dtype, backend)["results"][0]
+
+
+LINK_BYTES = (1 << 10, 1 << 16, 1 << 20, 1 << 23, 1 << 26)
+
+
+def time_link(group, sizes_bytes=LINK_BYTES, repeats=5, handoff="sendrecv"):
+    """The last two ranks bounce messages of each size; the last rank returns the best round
+    trip per size (the other ranks return None). With the all-sum hand-off (two ranks), twice
+    the best all-sum time."""
+    import time
+
+    import mlx.core as mx
+
+    r, a, b = group.rank(), group.size() - 2, group.size() - 1
+    if handoff != "allsum" and r not in (a, b):
+        return None
+
+    def exchange(x):
+        """One round trip (all-sum: one exchange, counted twice)."""
+        if handoff == "allsum":
+            mx.eval(mx.distributed.all_sum(x, group=group))
+        elif r == a:
+            mx.eval(mx.distributed.send(x, b, group=group))
+            mx.eval(mx.distributed.recv_like(x, b, group=group))
+        else:
+            mx.eval(mx.distributed.send(mx.distributed.recv_like(x, a, group=group), a,
+                                        group=group))
+
+    out = []
+    for nbytes in sizes_bytes:
+        x = mx.zeros((nbytes // 2,), dtype=mx.float16)
+        mx.eval(x)
+        times = []
+        for _ in range(repeats + 1):  # the first exchange warms the connection
+            t0 = time.perf_counter()
+            exchange(x)
+            times.append(time.perf_counter() - t0)
+        out.append({"bytes": nbytes, "round_trip_s": min(times[1:]) * (
+            2 if handoff == "allsum" else 1)})
+    return out if r == b else None
+
+
+def handoff_for(backend):
+    """allsum on NCCL when MLX's GPU backend lacks Send/Recv (CUDA), else sendrecv."""
+    import mlx.core as mx
+
+    return "allsum" if backend == "nccl" and mx.cuda.is_available() else "sendrecv"
+
+
+def run_job(lm, group, job, index, handoff):
+    """Run one prefill job on this rank: (result dict or None, cache, logits); the result,
+    cache and logits come back on the rank that ends with the cache."""
+    import mlx.core as mx
+
+    from edgeprefill.prefill import FullPrefill
+    from edgeprefill.prefill.runahead import RunaheadPrefill, TspPrefill, runahead_bytes
+
+    ids = job["ids"]
+    if job.get("sizes"):
+        sizes = job["sizes"]
+    elif job.get("alpha") is not None:
+        sizes = mixed_partition(len(ids), group.size(), lm.config, job["alpha"])
+    elif job["strategy"] == "runahead":
+        sizes = partition_from_table(lm.model_id, len(ids), group.size(), lm.config,
+                                     warn=group.rank() == 0)
+    else:
+        sizes = None
+    cls = RunaheadPrefill if job["strategy"] == "runahead" else TspPrefill
+    strategy = cls(lm.model, group, sizes, handoff=handoff)
+    times = []
+    for _ in range(max(1, job.get("trials") or 1)):
+        cache, logits, stats = strategy.prefill(ids)
+        times.append(stats.ttft_s)
+    if logits is None:
+        return None, None, None  # not the rank that ends with the cache
+    result = {"job": index, "strategy": job["strategy"], "workers": group.size(), "n": len(ids),
+              "ttft_s": min(times), "ttft_all_s": times, "sizes": stats.extra["sizes"],
+              "alpha": job.get("alpha"),
+              "bytes": (runahead_bytes(lm.model, stats.extra["sizes"])
+                        if job["strategy"] == "runahead"
+                        else stats.extra["bytes_received"] * group.size()),
+              "first_token": int(mx.argmax(logits).item()),
+              "logits": [float(x) for x in logits.tolist()] if job.get("logits", True)
+              else None}
+    if job.get("check"):
+        fcache, flogits, _ = FullPrefill(lm.model).prefill(ids)
+        diff = float(mx.abs(flogits - logits).max().item())
+        kdiff = max(float(mx.abs(a.keys_and_values()[t] - b.keys_and_values()[t]).max()
+                          .item()) for a, b in zip(cache, fcache) for t in (0, 1))
+        result.update(max_logit_diff=diff, max_cache_diff=kdiff, cache_offset=cache[0].offset)
+    if job.get("max_tokens"):
+        from mlx_lm.sample_utils import make_sampler
+
+        from edgeprefill.generate import decode_tokens
+
+        toks = list(decode_tokens(lm.model, cache, logits, make_sampler(temp=0.0),
+                                  job["max_tokens"], lm.model.max_context))
+        result["tokens"] = toks
+        result["text"] = lm.tokenizer.decode(toks)
+    return result, cache, logits
 
 
 def run_worker(args):
@@ -144,85 +374,399 @@ def run_worker(args):
 
     from edgeprefill.fsio import atomic_write_text
     from edgeprefill.loading import load
-    from edgeprefill.prefill import FullPrefill
-    from edgeprefill.prefill.runahead import RunaheadPrefill, TspPrefill, runahead_bytes
 
-    group = mx.distributed.init(backend="ring", strict=True)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    group = mx.distributed.init(backend=args.backend, strict=True)
     if args.die_rank is not None and group.rank() == args.die_rank:
         os._exit(3)  # test hook: a worker that dies before doing its part
     lm = load(args.model, dtype=args.dtype)
-    ids = json.loads(Path(args.ids).read_text())
-    if args.sizes:
-        sizes = [int(x) for x in args.sizes.split(",")]
-    elif args.alpha is not None:
-        sizes = mixed_partition(len(ids), group.size(), lm.config, args.alpha)
-    elif args.strategy == "runahead":
-        sizes = partition_from_table(lm.model_id, len(ids), group.size(), lm.config,
-                                     warn=group.rank() == 0)
-    else:
-        sizes = None
-    cls = RunaheadPrefill if args.strategy == "runahead" else TspPrefill
-    strategy = cls(lm.model, group, sizes)
-    times = []
-    for _ in range(max(1, args.trials)):
-        cache, logits, stats = strategy.prefill(ids)
-        times.append(stats.ttft_s)
-    if logits is None:
-        return 0
-    result = {"strategy": args.strategy, "workers": group.size(), "ttft_s": min(times),
-              "ttft_all_s": times, "sizes": stats.extra["sizes"],
-              "bytes": (runahead_bytes(lm.model, stats.extra["sizes"]) if args.strategy ==
-                        "runahead" else stats.extra["bytes_received"] * group.size()),
-              "first_token": int(mx.argmax(logits).item()),
-              "logits": [float(x) for x in logits.tolist()]}
-    if args.check:
-        fcache, flogits, _ = FullPrefill(lm.model).prefill(ids)
-        diff = float(mx.abs(flogits - logits).max().item())
-        kdiff = max(float(mx.abs(a.keys_and_values()[t] - b.keys_and_values()[t]).max().item())
-                    for a, b in zip(cache, fcache) for t in (0, 1))
-        result.update(max_logit_diff=diff, max_cache_diff=kdiff,
-                      cache_offset=cache[0].offset)
-    if args.max_tokens:
-        from mlx_lm.sample_utils import make_sampler
-
-        from edgeprefill.generate import decode_tokens
-
-        toks = list(decode_tokens(lm.model, cache, logits, make_sampler(temp=0.0),
-                                  args.max_tokens, lm.model.max_context))
-        result["tokens"] = toks
-        result["text"] = lm.tokenizer.decode(toks)
-    atomic_write_text(args.out, json.dumps(result))
+    handoff = handoff_for(args.backend)
+    if args.serve:
+        return serve(args.serve, lm, group, handoff)
+    spec = json.loads(Path(args.jobs).read_text())
+    report = {"results": [], "workers": group.size(), "backend": args.backend,
+              "device": str(mx.default_device())}
+    if spec.get("link") and group.size() > 1:
+        report["link"] = time_link(group, handoff=handoff)
+    for index, job in enumerate(spec["jobs"]):
+        result, cache, _ = run_job(lm, group, job, index, handoff)
+        if result is not None:
+            report["results"].append(result)
+        del cache
+    if report["results"] or "link" in report and report["link"]:
+        # the rank that ended with a job's cache reports it (the last useful rank: with more
+        # workers than tokens that is not the last rank); the launcher merges the files
+        atomic_write_text(f"{args.out}.rank{group.rank()}", json.dumps(report))
     return 0
 
 
+def serve(folder, lm, group, handoff):
+    """Persistent workers (chat): run job-<k>.json files as they appear in `folder`; the rank
+    ending with the cache writes result-<k>.safetensors (cache arrays + logits, result JSON in
+    the metadata). Stops on a 'stop' file or when the parent process is gone."""
+    import time
+
+    import mlx.core as mx
+
+    folder, parent, k = Path(folder), os.getppid(), 0
+    while True:
+        job_file = folder / f"job-{k}.json"
+        while not job_file.is_file():
+            if (folder / "stop").exists() or os.getppid() != parent:
+                return 0
+            time.sleep(0.002)
+        job = json.loads(job_file.read_text())
+        try:
+            result, cache, logits = run_job(lm, group, job, k, handoff)
+        except Exception as e:  # noqa: BLE001  (reported to the parent, then this rank stops)
+            (folder / f"error-{k}.txt").write_text(f"rank {group.rank()}: {type(e).__name__}: "
+                                                   f"{str(e).splitlines()[0][:200]}")
+            return 1
+        if result is not None:
+            arrays = {"logits": logits}
+            for i, c in enumerate(cache):
+                arrays[f"{i}.keys"], arrays[f"{i}.values"] = c.keys_and_values()
+            tmp = folder / f".result-{k}.safetensors"
+            mx.save_safetensors(str(tmp), arrays, metadata={"result": json.dumps(result)})
+            os.replace(tmp, folder / f"result-{k}.safetensors")
+        del cache
+        k += 1
+
+
+class RunaheadPool:
+    """Local runahead workers kept alive between prompts (the chat's `runahead` strategy):
+    started once, each prompt is one job; the cache comes back through a file in /dev/shm
+    (or the temp folder) and decoding runs in this process.
+
+    Args:
+        lm: the LoadedModel (its spec is what the workers load).
+        workers: ranks to start.
+        backend: mx.distributed backend (auto: nccl on CUDA GPUs, else ring).
+    """
+
+    def __init__(self, lm, workers=2, backend="auto", dtype="auto", start_timeout=300):
+        import shutil
+
+        if workers < 1:
+            raise EdgeprefillError("--workers must be >= 1")
+        self.lm, self.workers, self.k = lm, workers, 0
+        shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
+        self.dir = Path(tempfile.mkdtemp(prefix="edgeprefill-runahead-", dir=shm))
+        self._cleanup = lambda: shutil.rmtree(self.dir, ignore_errors=True)
+        backend = resolve_backend(backend)
+        worker = [sys.executable, "-m", "apps.cli", "runahead", "worker", "--backend", backend,
+                  "--model", lm.spec, "--dtype", dtype or "auto", "--jobs", "-", "--out", "-",
+                  "--serve", str(self.dir)]
+        self.log = open(self.dir / "workers.log", "w")
+        self.procs = start_local(workers, worker, backend, self.dir, output=self.log)
+        self.start_timeout = start_timeout
+
+    def run(self, ids, timeout=None):
+        """(cache arrays, result dict) of one runahead prefill of `ids`."""
+        import time
+
+        import mlx.core as mx
+
+        from edgeprefill.fsio import atomic_write_text
+
+        k = self.k
+        self.k += 1
+        atomic_write_text(self.dir / f"job-{k}.json",
+                          json.dumps({"strategy": "runahead", "ids": list(ids), "logits": False}))
+        out = self.dir / f"result-{k}.safetensors"
+        deadline = time.monotonic() + (timeout or (self.start_timeout if k == 0 else 600))
+        while not out.is_file():
+            err = self.dir / f"error-{k}.txt"
+            dead = [r for r, p in enumerate(self.procs) if p.poll() is not None]
+            if err.is_file() or dead or time.monotonic() > deadline:
+                why = err.read_text() if err.is_file() else (
+                    f"rank {dead[0]} exited" if dead else "no result in time")
+                self.close()
+                raise EdgeprefillError(f"runahead workers failed ({why}): switch strategy "
+                                       "(/strategy full) or restart with fewer --workers")
+            time.sleep(0.002)
+        arrays, meta = mx.load(str(out), return_metadata=True)
+        out.unlink()
+        return arrays, json.loads(meta["result"])
+
+    def close(self):
+        if not self.procs:
+            return
+        (self.dir / "stop").touch()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        self.procs = []
+        self.log.close()
+        self._cleanup()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class PooledRunahead:
+    """The prefill contract over a RunaheadPool: a fresh conversation is prefilled by the
+    workers (KV-Runahead); a later turn extends the returned cache here with `full` (runahead
+    parallelises a prompt from position 0; a follow-up only adds its new tokens)."""
+
+    name = "runahead"
+
+    def __init__(self, lm, workers=2, backend="auto"):
+        from edgeprefill.prefill import FullPrefill
+
+        self.lm = lm
+        self.pool = RunaheadPool(lm, workers, backend)
+        self.local = FullPrefill(lm.model)
+
+    def prefill(self, prompt_ids, cache=None, progress=None):
+        import time
+
+        import mlx.core as mx
+        from mlx_lm.models.cache import KVCache
+
+        from edgeprefill.prefill.base import PrefillStats, PromptCache
+
+        if cache is not None and len(cache.tokens):
+            cache, logits, stats = self.local.prefill(prompt_ids, cache, progress)
+            stats.extra["runahead"] = "later turn: new tokens prefilled locally"
+            return cache, logits, stats
+        start = time.perf_counter()
+        ids = [int(x) for x in prompt_ids]
+        arrays, result = self.pool.run(ids)
+        layers = []
+        for i in range(self.lm.model.n_layers):
+            c = KVCache()
+            c.update_and_fetch(arrays[f"{i}.keys"], arrays[f"{i}.values"])
+            layers.append(c)
+        cache = PromptCache(layers)
+        cache.tokens = ids
+        logits = arrays["logits"]
+        mx.eval(logits, [c.keys_and_values() for c in layers])
+        stats = PrefillStats(self.name, len(ids), len(ids), time.perf_counter() - start,
+                             {"workers": self.pool.workers, "sizes": result["sizes"],
+                              "workers_ttft_s": result["ttft_s"]})
+        return cache, logits, stats
+
+    def close(self):
+        self.pool.close()
+
+
 def run_tune(args):
+    """Search partitions (alpha grid) per worker count and prompt length, one launch per worker
+    count; write the table, and with --json every timing (tsp too, and the link figures)."""
     from rich.console import Console
 
-    from apps.bench import parse_list
-    from edgeprefill.data import bench_prompts
+    from apps.bench import bench_prompt_sets, parse_list
+    from apps.info import machine_info
     from edgeprefill.fsio import atomic_write_text
-    from edgeprefill.loading import load
 
     workers = parse_list(args.workers, int, "--workers")
     lengths = parse_list(args.prompt_tokens, int, "--prompt-tokens")
     alphas = parse_list(args.alphas, float, "--alphas")
-    lm = load(args.model, dtype=args.dtype)
+    lm = load_for(args)
     console = Console(stderr=True)
     out = Path(args.out) if args.out else table_path()
     table = json.loads(out.read_text()) if out.is_file() else {}
     entry = table.setdefault(lm.model_id, {})
+    record = {"model": lm.model_id, "machine": machine_info(), "date": now(), "runs": []}
+    random_tokens = lm.spec.startswith("random:")
     for p in workers:
+        prompts = {n: bench_prompt_sets(lm, n, 1, 0, random_tokens)[0][0] for n in lengths}
+        jobs = [{"strategy": "runahead", "ids": prompts[n], "alpha": a, "trials": args.trials,
+                 "logits": False} for n in lengths for a in alphas]
+        if args.with_tsp:
+            jobs += [{"strategy": "tsp", "ids": prompts[n], "trials": args.trials,
+                      "logits": False} for n in lengths]
+        console.print(f"p={p}: {len(jobs)} prefills on {p} workers ...", highlight=False)
+        rep = run_jobs(lm, jobs, p, timeout=args.timeout, dtype=args.dtype,
+                       backend=args.backend, link=args.with_tsp)
+        record["runs"].append({"workers": p, "backend": rep["backend"], "device": rep["device"],
+                               "link": rep.get("link"), "results": rep["results"]})
         for n in lengths:
-            ids = bench_prompts(lm.tokenizer, n, 1)[0]
-            best = None
-            for a in alphas:
-                r = run_prefill(lm, ids, "runahead", p, alpha=a, trials=3)
-                console.print(f"p={p} n={n} alpha={a:g} sizes={r['sizes']} "
-                              f"TTFT {r['ttft_s'] * 1e3:.0f} ms", highlight=False)
-                if best is None or r["ttft_s"] < best[1]:
-                    best = (a, r["ttft_s"])
-            entry.setdefault(str(p), {})[str(n)] = best[0]
-            console.print(f"[bold]p={p} n={n}: alpha {best[0]:g}[/bold]")
+            rows = [r for r in rep["results"] if r["n"] == n and r["strategy"] == "runahead"]
+            for r in rows:
+                console.print(f"p={p} n={n} alpha={r['alpha']:g} sizes={r['sizes']} "
+                              f"TTFT {r['ttft_s'] * 1e3:.1f} ms", highlight=False)
+            best = min(rows, key=lambda r: r["ttft_s"])
+            entry.setdefault(str(p), {})[str(n)] = best["alpha"]
+            tsp = [r for r in rep["results"] if r["n"] == n and r["strategy"] == "tsp"]
+            extra = (f"; tsp {tsp[0]['ttft_s'] * 1e3:.1f} ms "
+                     f"({tsp[0]['ttft_s'] / best['ttft_s']:.2f}x runahead)" if tsp else "")
+            console.print(f"[bold]p={p} n={n}: alpha {best['alpha']:g}, "
+                          f"{best['ttft_s'] * 1e3:.1f} ms{extra}[/bold]", highlight=False)
     atomic_write_text(out, json.dumps(table, indent=2))
     console.print(f"wrote {out}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(record, indent=2))
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+def now():
+    import datetime
+
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def load_for(args):
+    """--model, or with --shape a random-weight model of that real shape."""
+    from edgeprefill.loading import load
+
+    spec = f"random:llama-{args.shape}" if getattr(args, "shape", None) else args.model
+    return load(spec, dtype=args.dtype)
+
+
+
+def measure_layer_cost(lm, max_tokens, trials=2, progress=None):
+    """Time the real blocks (all layers, evaluated layer by layer as runahead does) over chunks
+    after cached prefixes; returns (LayerCost, samples, head seconds)."""
+    import time
+
+    import mlx.core as mx
+
+    from edgeprefill.projection import fit_layer_cost
+
+    m = lm.model
+    N = max_tokens
+    grid = sorted({(max(1, c), s) for c in (N // 16, N // 4, N // 2, N) for s in (0, N // 2)
+                   if c + s <= N} | {(max(1, N // 16), N - max(1, N // 16))})
+    rng = mx.random.key(0)
+    samples = []
+    for c, s in grid:
+        best = None
+        for k in range(trials + 1):
+            cache = m.make_cache()
+            if s:
+                kv = mx.random.normal((2, 1, m.n_kv_heads, s, m.head_dim), key=rng).astype(
+                    m.dtype)
+                for layer in cache:
+                    layer.update_and_fetch(kv[0], kv[1])
+            h = m.embed(mx.arange(3, 3 + c)[None] % m.vocab_size)
+            mx.eval(h, [x.keys_and_values() for x in cache] if s else [])
+            t0 = time.perf_counter()
+            for i in range(m.n_layers):
+                h = m.block(i, h, cache=cache[i]).h
+                mx.eval(h)
+            dt = (time.perf_counter() - t0) / m.n_layers
+            if k:  # the first run warms up kernels
+                best = dt if best is None else min(best, dt)
+            del cache
+        samples.append((c, s, best))
+        if progress:
+            progress(c, s, best)
+    h = m.embed(mx.array([[3]]))
+    mx.eval(h)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        mx.eval(m.head(h))
+    head = (time.perf_counter() - t0) / 3
+    return fit_layer_cost(samples), samples, head
+
+
+def run_project(args):
+    from rich.console import Console
+    from rich.table import Table
+
+    from apps.bench import bench_prompt_sets, parse_list
+    from apps.info import machine_info
+    from edgeprefill.fsio import atomic_write_text
+    from edgeprefill.prefill import FullPrefill
+    from edgeprefill.prefill.base import default_chunk_size
+    from edgeprefill.prefill.runahead import kv_bytes_per_token
+    from edgeprefill.projection import Link, best_runahead, full_time, runahead_time, tsp_time
+
+    workers = parse_list(args.workers, int, "--workers")
+    lengths = parse_list(args.prompt_tokens, int, "--prompt-tokens")
+    links = parse_list(args.links, float, "--links")
+    measured = []
+    for f in (args.measured.split(",") if args.measured else []):
+        try:
+            rec = json.loads(Path(f).read_text())
+            measured += [dict(run, source=f) for run in rec["runs"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise EdgeprefillError(f"cannot read a tune record from {f}: pass the --json file "
+                                   "of `edgeprefill runahead tune --with-tsp`") from None
+    lengths = sorted(set(lengths) | {r["n"] for run in measured for r in run["results"]})
+    lm = load_for(args)
+    m = lm.model
+    console = Console(stderr=True)
+    chunk = args.chunk_size or default_chunk_size()
+    kvb = kv_bytes_per_token(m)
+    cost, samples, head = measure_layer_cost(
+        lm, max(lengths), progress=lambda c, s, t: console.print(
+            f"layer time: chunk {c} after {s}: {t * 1e3:.3f} ms", highlight=False))
+    console.print(f"fit: t0 {cost.t0 * 1e6:.1f} us, {cost.a * 1e9:.2f} ns/token, "
+                  f"{cost.b * 1e12:.3f} ps/token/key; rms error {cost.rms_rel:.1%}",
+                  highlight=False)
+    L = m.n_layers
+    record = {"model": lm.model_id, "machine": machine_info(), "date": now(),
+              "layer_cost": {"t0_s": cost.t0, "a_s_per_token": cost.a,
+                             "b_s_per_token_key": cost.b, "rms_rel": cost.rms_rel},
+              "samples": [{"chunk": c, "prefix": s, "layer_s": t} for c, s, t in samples],
+              "head_s": head, "kv_bytes_per_token_layer": kvb, "chunk_size": chunk,
+              "latency_us": args.latency_us, "full": [], "projection": [], "validation": []}
+    # the cost model against a real single-process prefill on this machine
+    for n in lengths:
+        ids = bench_prompt_sets(lm, n, 1, 0, lm.spec.startswith("random:"))[0][0]
+        strat = FullPrefill(m, chunk)
+        times = [strat.prefill(ids)[2].ttft_s for _ in range(2)]
+        record["full"].append({"n": n, "measured_s": min(times[1:] or times),
+                               "predicted_s": full_time(cost, n, L, chunk, head)})
+    table = Table(title=f"Projected TTFT (s), {lm.model_id}: layer times measured on "
+                        f"{record['machine'].get('mlx_device', '?')}, links at "
+                        f"{args.latency_us:g} us latency")
+    for col in ("Gb/s", "tokens", "full (1)", *[f"p={p} runahead / tsp" for p in workers]):
+        table.add_column(col, justify="right")
+    for gb in links:
+        link = Link.gbit(gb, args.latency_us)
+        for n in lengths:
+            f = full_time(cost, n, L, chunk, head)
+            cells = []
+            for p in workers:
+                sizes, ra = best_runahead(cost, link, n, p, L, kvb, head)
+                ts = tsp_time(cost, link, n, p, L, kvb, head)
+                record["projection"].append({"gbit_s": gb, "n": n, "workers": p,
+                                             "runahead_s": ra, "sizes": sizes, "tsp_s": ts,
+                                             "full_s": f})
+                cells.append(f"{ra:.2f} / {ts:.2f}")
+            table.add_row(f"{gb:g}", str(n), f"{f:.2f}", *cells)
+    Console(width=max(Console().width, 140)).print(table)
+    for r in record["full"]:
+        console.print(f"full {r['n']}: measured {r['measured_s'] * 1e3:.1f} ms, model "
+                      f"{r['predicted_s'] * 1e3:.1f} ms", highlight=False)
+    if measured:
+        for run in measured:
+            if not run.get("link"):
+                continue
+            link = Link.fit(run["link"])
+            console.print(f"p={run['workers']} {run.get('backend')} measured link: "
+                          f"{link.latency_s * 1e6:.1f} us, "
+                          f"{link.bytes_per_s / 1e9:.2f} GB/s", highlight=False)
+            for r in run["results"]:
+                if r["strategy"] == "runahead":
+                    pred = runahead_time(cost, link, r["sizes"], L, kvb, head)
+                else:
+                    pred = tsp_time(cost, link, r["n"], run["workers"], L, kvb, head)
+                record["validation"].append({
+                    "workers": run["workers"], "n": r["n"], "strategy": r["strategy"],
+                    "backend": run.get("backend"),
+                    "sizes": r["sizes"], "measured_s": r["ttft_s"], "predicted_s": pred,
+                    "link_latency_s": link.latency_s, "link_bytes_per_s": link.bytes_per_s})
+                console.print(f"p={run['workers']} {run.get('backend')} n={r['n']} "
+                              f"{r['strategy']} {r['sizes']}: "
+                              f"measured {r['ttft_s'] * 1e3:.1f} ms, model {pred * 1e3:.1f} ms",
+                              highlight=False)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(record, indent=2))
+        console.print(f"wrote {args.json}")
+    if args.plot:
+        from apps.plots import projection_plot
+
+        projection_plot(record, args.plot)
+        console.print(f"wrote {args.plot}")
     return 0

@@ -26,6 +26,27 @@ FIT_MODULES = ("ast.py", "base64.py", "bisect.py", "codecs.py", "configparser.py
 
 FIT_DATA = ("code: python-stdlib " + ",".join(FIT_MODULES)
             + "; prose: pydoc_data.topics (sorted topics, all but every 4th)")
+# The wide fitting set: every standard-library module but the held-out ones, their tests and
+# the packages that embed other copies of them (about 13 MB of source on Python 3.11).
+WIDE_FIT_DATA = ("code: python-stdlib all *.py except " + ",".join(BENCH_MODULES)
+                 + ", test/, tests/, idlelib/, lib2to3/, site-packages/; prose: "
+                 "pydoc_data.topics (sorted topics, all but every 4th)")
+_WIDE_EXCLUDED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"}
+
+
+def wide_fit_modules():
+    """Relative paths of every stdlib module in the wide fitting set, sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    held = {Path(m).stem for m in BENCH_MODULES}
+    out = []
+    for f in root.rglob("*.py"):
+        rel = f.relative_to(root)
+        if _WIDE_EXCLUDED_DIRS & set(rel.parts[:-1]) or rel.stem in held:
+            continue
+        if any(h in rel.stem for h in held):  # e.g. test_argparse-like helpers elsewhere
+            continue
+        out.append(str(rel))
+    return sorted(out)
 HELDOUT_DATA = ("code: python-stdlib " + ",".join(BENCH_MODULES)
                 + "; prose: pydoc_data.topics (sorted topics, every 4th)")
 
@@ -58,10 +79,10 @@ def _interleave(a, b, chunk):
     return out
 
 
-def fit_chunks(tokenizer, n_tokens, chunk):
+def fit_chunks(tokenizer, n_tokens, chunk, wide=False):
     """`chunk`-token windows of fitting text, code and prose alternating, `n_tokens` in all
-    (fewer if the text runs out)."""
-    code = list(tokenizer.encode(stdlib_text(FIT_MODULES)))
+    (fewer if the text runs out); `wide` draws code from WIDE_FIT_DATA instead of FIT_DATA."""
+    code = list(tokenizer.encode(stdlib_text(wide_fit_modules() if wide else FIT_MODULES)))
     prose = list(tokenizer.encode(prose_text(heldout=False)))
     return _interleave(code, prose, chunk)[:max(1, n_tokens // chunk)]
 

@@ -105,6 +105,9 @@ def hub_snapshot(repo_id):
             "download it on a connected machine and pass the local folder") from None
 
 
+RANDOM_PREFIX = "random:"
+
+
 def resolve_model_path(spec, progress=None):
     """Turn a model spec into a local HF folder.
 
@@ -190,7 +193,8 @@ def load(spec, dtype="auto", progress=None):
     """Load a model for edgeprefill.
 
     Args:
-        spec: see `resolve_model_path`.
+        spec: see `resolve_model_path`; or 'random:<family>-<shape>' (e.g. random:llama-llama-8b)
+            for random weights of a real shape (speed-only runs; what `--shape` loads).
         dtype: 'auto' (see `default_dtype`), 'float32', 'float16', 'bfloat16' or None (as stored).
     Returns:
         LoadedModel.
@@ -199,6 +203,15 @@ def load(spec, dtype="auto", progress=None):
 
     from edgeprefill.models import Transformer
 
+    if str(spec).startswith(RANDOM_PREFIX):
+        from edgeprefill.models.random import load_random
+
+        family, _, shape = str(spec)[len(RANDOM_PREFIX):].partition("-")
+        if family not in FAMILIES or not shape:
+            raise EdgeprefillError(f"bad random model spec '{spec}': use random:<family>-<shape>, "
+                                   "e.g. random:llama-llama-8b")
+        return load_random(shape, family, dtype=(dtype if dtype != "auto" else default_dtype())
+                           or "bfloat16")
     path = resolve_model_path(spec, progress)
     config = read_config(path)
     if not list(Path(path).glob("*.safetensors")):

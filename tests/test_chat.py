@@ -113,3 +113,24 @@ def test_one_shot_prompt_and_piped_stdin(tiny_models, cli_env):
     r = subprocess.run([sys.executable, "-m", "apps.cli", "chat", "--model", model],
                        input="", env=cli_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "prompt is empty" in r.stderr
+
+
+def test_runahead_chat_two_turns_match_full(chat):
+    """Turn 1 is prefilled by two persistent runahead workers (the cache comes back here),
+    turn 2 extends it locally; the replies equal those of the full strategy."""
+    replies = {}
+    for strategy in ("full", "runahead"):
+        child = chat("--strategy", strategy, "--workers", "2")
+        out = []
+        for text in ("hello there, how are you", "and then?"):
+            child.sendline(text)
+            child.expect(r"strategy (\S+) \| prompt (\d+) tok \| TTFT")
+            out.append((child.before.split(text, 1)[-1].strip(), child.match.group(1)))
+            child.expect("> ")
+        child.sendline("/quit")
+        child.expect(pexpect.EOF)
+        child.close()
+        assert child.exitstatus == 0
+        replies[strategy] = out
+    assert [r for r, _ in replies["runahead"]] == [r for r, _ in replies["full"]]
+    assert [s for _, s in replies["runahead"]] == ["runahead", "full"]

@@ -250,3 +250,22 @@ def test_compact_aux_fit_generate_and_tokenizer_refusal(tiny_models, cli_env, tm
     r = subprocess.run(base + ["--out", str(tmp_path / "y")], env=cli_env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 1 and "--aux-model" in r.stderr
+
+
+def test_bundled_default_pair_is_complete():
+    """The trained T-0.50 pair shipped for the default model: card, weights and layer map agree
+    (SmolLM2-135M: 30 layers, 3 KV heads of 64, hidden 576; 15 predicted layers)."""
+    import json
+
+    import mlx.core as mx
+
+    from apps.kvp import bundled_dir
+
+    folder = bundled_dir() / "SmolLM2-135M-Instruct-T-0.50"
+    card = json.loads((folder / "card.json").read_text())
+    w = mx.load(str(folder / "predictor.safetensors"))
+    predicted = [i for i in range(len(card["layer_map"])) if i not in card["exact_layers"]]
+    assert card["aux"]["kind"] == "T-0.50" and card["predictor_input"] == "hidden"
+    assert len(predicted) == 15 and len(w) == 4 * len(predicted)
+    assert w["k_proj.0.weight"].shape == (192, 576) and w["v_proj.14.bias"].shape == (192,)
+    assert card["quality"]["pairs"] == 40 and card["quality"]["first_token_agreement"] >= 0.8

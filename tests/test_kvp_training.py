@@ -149,3 +149,20 @@ def test_kvp_train_cli_mirror_then_generate(tiny_models, cli_env, tmp_path):
     r = subprocess.run(cmd[:-2] + ["--out", str(tmp_path / "new"), "--resume"], env=cli_env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "no checkpoint" in r.stderr and not (tmp_path / "new").exists()
+
+
+def test_wide_fitting_set_never_contains_held_out_text():
+    from pathlib import Path
+
+    from edgeprefill.data import BENCH_MODULES, FIT_MODULES, wide_fit_modules
+
+    wide = wide_fit_modules()
+    held = {Path(m).stem for m in BENCH_MODULES}
+    assert len(wide) > 5 * len(FIT_MODULES)
+    assert not any(Path(m).stem in held or any(h in Path(m).stem for h in held) for m in wide)
+    assert not any(part in ("test", "tests", "idlelib", "lib2to3")
+                   for m in wide for part in Path(m).parts[:-1])
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    assert {m for m in FIT_MODULES if (root / m).is_file()} <= set(wide)

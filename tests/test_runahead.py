@@ -48,10 +48,10 @@ def test_dead_worker_gives_a_clear_error_without_hanging(lm, tmp_path):
     from apps.runahead import launch
     from edgeprefill.errors import EdgeprefillError
 
-    ids = tmp_path / "ids.json"
-    ids.write_text(json.dumps(list(range(5, 25))))
-    args = ["--model", lm.spec, "--strategy", "runahead", "--ids", str(ids), "--out",
-            str(tmp_path / "out.json"), "--die-rank", "1"]
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps({"jobs": [{"strategy": "runahead", "ids": list(range(5, 25))}]}))
+    args = ["--model", lm.spec, "--jobs", str(jobs), "--out", str(tmp_path / "out.json"),
+            "--die-rank", "1"]
     with pytest.raises(EdgeprefillError, match="runahead worker"):
         launch(2, args, timeout=30)
     assert not (tmp_path / "out.json").exists()
@@ -85,13 +85,53 @@ def test_partition_table_interpolates_and_falls_back(lm, tmp_path, capsys):
     assert "no tuned runahead partition" in capsys.readouterr().err
 
 
-def test_tune_writes_a_table(tiny_models, cli_env, tmp_path):
-    out = tmp_path / "table.json"
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "runahead", "tune", "--model",
-                        str(tiny_models["llama"]), "--workers", "2", "--prompt-tokens", "40",
-                        "--alphas", "0,1", "--out", str(out)], env=cli_env,
-                       capture_output=True, text=True, timeout=600)
+def test_tune_writes_a_table_and_the_projection_reads_it(tiny_models, cli_env, tmp_path):
+    out, rec, proj = tmp_path / "table.json", tmp_path / "tune.json", tmp_path / "proj.json"
+    model = str(tiny_models["llama"])
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "runahead", "tune", "--model", model,
+                        "--workers", "2", "--prompt-tokens", "40", "--alphas", "0,1",
+                        "--trials", "1", "--with-tsp", "--json", str(rec), "--out", str(out)],
+                       env=cli_env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     table = json.loads(out.read_text())
     (entry,) = table.values()
     assert entry["2"]["40"] in (0.0, 1.0)
+    (run,) = json.loads(rec.read_text())["runs"]
+    assert [x["strategy"] for x in run["results"]] == ["runahead", "runahead", "tsp"]
+    assert len(run["link"]) == 5 and all(x["round_trip_s"] > 0 for x in run["link"])
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "runahead", "project", "--model", model,
+                        "--workers", "2,4", "--prompt-tokens", "64", "--measured", str(rec),
+                        "--json", str(proj), "--plot", str(tmp_path / "p.png")], env=cli_env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    p = json.loads(proj.read_text())
+    assert {(x["workers"], x["n"]) for x in p["projection"]} >= {(2, 64), (4, 64), (2, 40)}
+    assert len(p["validation"]) == 3 and all(x["predicted_s"] > 0 for x in p["validation"])
+    assert (tmp_path / "p.png").stat().st_size > 0
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "runahead", "project", "--model", model,
+                        "--measured", str(out)], env=cli_env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and "cannot read a tune record" in r.stderr
+
+
+@pytest.mark.parametrize("devices,sizes", [(("cpu", "cpu"), None), (("cpu",) * 3, [11, 8, 4]),
+                                           (("cpu",) * 3, [22, 1])])
+def test_stream_runahead_equals_full(lm, devices, sizes):
+    """Runahead across streams of one process (threads, in-memory hand-off)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from edgeprefill.prefill import FullPrefill, StreamRunahead, make_strategy
+
+    ids = list(range(5, 28))
+    fcache, flogits, _ = FullPrefill(lm.model).prefill(ids)
+    cache, logits, stats = StreamRunahead(lm.model, devices, sizes).prefill(ids)
+    np.testing.assert_allclose(np.array(logits), np.array(flogits), atol=1e-4)
+    for a, b in zip(cache, fcache):
+        for x, y in zip(a.keys_and_values(), b.keys_and_values()):
+            np.testing.assert_allclose(np.array(x), np.array(y), atol=1e-4)
+    assert cache.tokens == ids and sum(stats.extra["sizes"]) == len(ids)
+    assert isinstance(make_strategy("runahead-streams", lm.model), StreamRunahead)
+    with pytest.raises(ValueError, match="does not split"):
+        StreamRunahead(lm.model, devices, [1, 1]).prefill(ids)
+    mx.eval(logits)

@@ -14,9 +14,10 @@ from edgeprefill.prefill.base import PrefillStats, PromptCache
 from edgeprefill.prefill.full import FullPrefill
 from edgeprefill.prefill.kv_prediction import KVPrediction
 from edgeprefill.prefill.lazy import SCHEDULES, LazyPrefill
+from edgeprefill.prefill.runahead import StreamRunahead
 
 STRATEGIES = {"full": FullPrefill, "kvp": KVPrediction, "aux-only": AuxOnly,
-              "lazy": LazyPrefill}
+              "lazy": LazyPrefill, "runahead-streams": StreamRunahead}
 
 
 def make_kvp(model, artifact=None, aux_only=False, **options):
@@ -53,4 +54,4 @@ def make_strategy(name, model, **options):
 
 
 __all__ = ["PrefillStats", "PromptCache", "FullPrefill", "AuxOnly", "KVPrediction",
-           "LazyPrefill", "SCHEDULES", "STRATEGIES", "make_strategy"]
+           "LazyPrefill", "SCHEDULES", "STRATEGIES", "StreamRunahead", "make_strategy"]

@@ -20,12 +20,14 @@ import time
 import mlx.core as mx
 from edgeprefill.prefill.base import PrefillStats, PromptCache
 from edgeprefill.prefill.full import as_token_array
+from edgeprefill.projection import check_sizes, greedy_split
+from edgeprefill.projection import even_sizes as even_partition  # re-exported
 
-
-def even_partition(n, p):
-    """p contiguous chunk lengths summing to n, as even as possible (earlier ones +1)."""
-    p = max(1, min(p, n))
-    return [n // p + (1 if r < n % p else 0) for r in range(p)]
+# How the prefix K/V moves between ranks: point-to-point send/recv (the paper; ring, MPI), or,
+# on NCCL with MLX's CUDA backend (0.32: no Send/Recv on the GPU), an all-sum between the two
+# ranks in which the receiver contributes zeros -- the same bytes each way over a duplex link
+# and the same rendezvous, so two-worker timings are those of a send.
+HANDOFFS = ("sendrecv", "allsum")
 
 
 def balanced_partition(n, p, config):
@@ -39,21 +41,18 @@ def balanced_partition(n, p, config):
     def cost(start, length):
         return length * per_tok + attention_flops(config, length, start)
 
-    total = cost(0, n)
-    target = total / p
-    out, start = [], 0
-    for r in range(p - 1):
-        lo, hi = 1, n - start - (p - 1 - r)  # leave at least one token per later worker
-        while lo < hi:  # the longest chunk whose cost does not exceed the target
-            mid = (lo + hi + 1) // 2
-            if cost(start, mid) <= target:
-                lo = mid
-            else:
-                hi = mid - 1
-        out.append(lo)
-        start += lo
-    out.append(n - start)
-    return out
+    target = cost(0, n) / p
+    return greedy_split(lambda start, length: cost(start, length) <= target, n, p)
+
+
+def resolve_partition(partition, n, p, config, what="workers"):
+    """Chunk lengths from a partition argument: None (FLOP-balanced), a callable (n, p) ->
+    lengths, or the lengths themselves; checked to split n tokens over at most p ranks."""
+    if partition is None:
+        sizes = balanced_partition(n, p, config)
+    else:
+        sizes = partition(n, p) if callable(partition) else partition
+    return check_sizes(sizes, n, p, what)
 
 
 def kv_bytes_per_token(model):
@@ -83,22 +82,27 @@ class RunaheadPrefill:
 
     name = "runahead"
 
-    def __init__(self, model, group=None, partition=None):
+    def __init__(self, model, group=None, partition=None, handoff="sendrecv"):
         self.model = model
         self.group = group or mx.distributed.init()
         self.partition = partition
+        if handoff not in HANDOFFS:
+            raise ValueError(f"handoff must be one of {HANDOFFS}, not {handoff!r}")
+        self.handoff = handoff
+
+    def _send(self, kv, dst):
+        """Hand the prefix K/V to rank dst (an array to evaluate)."""
+        if self.handoff == "allsum":  # two ranks: the sum with the receiver's zeros is kv
+            return mx.distributed.all_sum(kv, group=self.group)
+        return mx.distributed.send(kv, dst, group=self.group)
+
+    def _recv(self, shape, dtype, src):
+        if self.handoff == "allsum":
+            return mx.distributed.all_sum(mx.zeros(shape, dtype=dtype), group=self.group)
+        return mx.distributed.recv(shape, dtype, src, group=self.group)
 
     def sizes(self, n):
-        p = self.group.size()
-        if self.partition is None:
-            sizes = balanced_partition(n, p, self.model.config)
-        elif callable(self.partition):
-            sizes = self.partition(n, p)
-        else:
-            sizes = list(self.partition)
-        if sum(sizes) != n or len(sizes) > p or min(sizes) < 1:
-            raise ValueError(f"partition {sizes} does not split {n} tokens over {p} workers")
-        return sizes
+        return resolve_partition(self.partition, n, self.group.size(), self.model.config)
 
     def _begin(self, prompt_ids, cache, counter):
         """(start time, ids, n, sizes, rank, stats) shared by runahead and tsp."""
@@ -118,6 +122,9 @@ class RunaheadPrefill:
         g, m = self.group, self.model
         start, ids, n, sizes, r, stats = self._begin(prompt_ids, cache, "bytes_sent")
         p = len(sizes)
+        if self.handoff == "allsum" and g.size() != 2:
+            raise ValueError("the all-sum hand-off (NCCL on CUDA, where MLX has no Send/Recv) "
+                             "runs 2 workers: use 2, or the ring backend for more")
         if r >= p:  # more workers than useful: this rank has nothing to do
             stats.ttft_s = time.perf_counter() - start
             return None, None, stats
@@ -127,12 +134,12 @@ class RunaheadPrefill:
         shape = (2, m.n_kv_heads, s0, m.head_dim)  # K and V in one message: no reordering
         for i in range(m.n_layers):
             if r > 0:  # the prefix's rotated K/V from the previous rank
-                kv = mx.distributed.recv(shape, m.dtype, r - 1, group=g)
+                kv = self._recv(shape, m.dtype, r - 1)
                 cache[i].update_and_fetch(kv[0:1], kv[1:2])
             h = m.block(i, h, cache=cache[i]).h
             if r < p - 1:
                 kv = mx.concatenate(cache[i].keys_and_values(), axis=0)
-                mx.eval(h, mx.distributed.send(kv, r + 1, group=g))
+                mx.eval(h, self._send(kv, r + 1))
                 stats.extra["bytes_sent"] += kv.nbytes
             else:
                 mx.eval(h, cache[i].keys_and_values())
@@ -202,3 +209,90 @@ class TspPrefill(RunaheadPrefill):
         return cache, logits, stats
 
 
+
+
+class StreamRunahead:
+    """KV-Runahead across streams of one process (Apple silicon: a GPU and a CPU stream over
+    unified memory; elsewhere CPU streams). Each rank is a thread that creates its own stream
+    (MLX streams belong to the thread that made them) and runs its chunk layer by layer; the
+    prefix K/V of each layer is handed to the next rank in memory (a queue of evaluated arrays,
+    no copy). The last rank ends with the full cache and the first token's logits.
+
+    Args:
+        model: edgeprefill.models.Transformer.
+        devices: one MLX device per rank, e.g. ("gpu", "cpu"); default: ("gpu", "cpu") where
+            MLX has a GPU, else ("cpu", "cpu").
+        partition: chunk lengths or a callable (n, p) -> lengths; default FLOP-balanced.
+    """
+
+    name = "runahead-streams"
+
+    def __init__(self, model, devices=None, partition=None):
+        self.model = model
+        if devices is None:
+            devices = ("gpu", "cpu") if mx.default_device() == mx.gpu else ("cpu", "cpu")
+        self.devices = [getattr(mx, d) if isinstance(d, str) else d for d in devices]
+        self.partition = partition
+
+    def sizes(self, n):
+        return resolve_partition(self.partition, n, len(self.devices), self.model.config,
+                                 "streams")
+
+    def prefill(self, prompt_ids, cache=None, progress=None):
+        import queue
+        import threading
+
+        if cache is not None:
+            raise ValueError(f"{self.name} prefills a fresh conversation (no earlier cache)")
+        m = self.model
+        start = time.perf_counter()
+        ids = as_token_array(prompt_ids)
+        mx.eval(ids)  # no lazy work of this thread's stream may reach the ranks' threads
+        n = ids.shape[0]
+        sizes = self.sizes(n)
+        p = len(sizes)
+        inbox = [queue.Queue() for _ in range(p)]
+        out, errors = {}, []
+
+        def rank(r):
+            try:
+                with mx.stream(mx.new_stream(self.devices[r])):
+                    s0 = sum(sizes[:r])
+                    h = m.embed(ids[s0:s0 + sizes[r]][None])
+                    layers = PromptCache(m.make_cache())
+                    for i in range(m.n_layers):
+                        if r > 0:
+                            k, v = inbox[r].get()
+                            if k is None:  # the previous rank failed
+                                return
+                            layers[i].update_and_fetch(k, v)
+                        h = m.block(i, h, cache=layers[i]).h
+                        if r < p - 1:
+                            k, v = layers[i].keys_and_values()
+                            mx.eval(h, k, v)
+                            inbox[r + 1].put((k, v))
+                        else:
+                            mx.eval(h, layers[i].keys_and_values())
+                    if r == p - 1:
+                        logits = m.head(h[:, -1:])[0, -1].astype(mx.float32)
+                        mx.eval(logits)
+                        out["cache"], out["logits"] = layers, logits
+            except Exception as e:  # noqa: BLE001  (re-raised in the calling thread)
+                errors.append(e)
+                if r < p - 1:
+                    inbox[r + 1].put((None, None))
+
+        threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(p)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        cache = out["cache"]
+        cache.tokens.extend(ids.tolist())
+        if progress:
+            progress(n, n)
+        stats = PrefillStats(self.name, n, n, time.perf_counter() - start,
+                             {"sizes": sizes, "devices": [str(d) for d in self.devices]})
+        return cache, out["logits"], stats

@@ -1,0 +1,175 @@
+"""Core ML export: every function of the package runs in the numpy MIL interpreter and matches
+the torch mirror (Linux has no Core ML runtime); structural checks; on macOS, Core ML itself.
+
+Tolerances (logits of a tiny random model, |logit| up to ~3): float16 weights and compute
+rel. max logit error < 1e-2 and state error < 1e-2; int8 weights < 2e-2; int4 block / 4-bit
+palette < 0.15 with logit cosine > 0.97 -- all with the same top-1 token.
+"""
+
+import json
+import platform
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from edgeprefill.loading import load
+
+pytest.importorskip("coremltools")
+CHUNK, CONTEXT = 16, 64
+PROMPT = [(7 * i + 3) % 300 for i in range(25)]  # 1.5 chunks + 1: a padded last chunk
+
+
+def _t_pair(lm, source="hidden"):
+    """A ridge-fitted KVP-T 0.50 predictor on random text (torch copy) and its aux depth."""
+    from edgeprefill.kvp.aux import make_aux
+    from edgeprefill.kvp.fit import fit_ridge
+    from edgeprefill.kvp.predictor import KVPredictor, input_dim
+    from edgeprefill.mirror.kvp.predictor import predictor_to_torch
+
+    m = lm.model
+    aux, layer_map, exact = make_aux(m, "T-0.50")
+    pred = KVPredictor(layer_map, input_dim(aux, source), m.n_kv_heads, m.head_dim, source,
+                       exact)
+    rng = np.random.default_rng(1)
+    pred, _ = fit_ridge(m, aux, pred, [rng.integers(3, m.vocab_size, 40).tolist()
+                                       for _ in range(6)], lam=1e-3)
+    return aux, pred, predictor_to_torch(pred), len(aux.layers)
+
+
+def _export(lm, tmp_path, layout="default", quantize="none", kvp=None, decode=True):
+    from converters.coreml import export as ex
+    from edgeprefill.mirror.loading import mirror_from_mlx
+
+    mirror = mirror_from_mlx(lm.model)
+    pred, aux_layers = (kvp[2], kvp[3]) if kvp else (None, 0)
+    em = ex.build(mirror, CONTEXT, layout, pred, aux_layers)
+    fns = ["prefill"] + (["decode"] if decode else []) + (["kvp_prefill"] if kvp else [])
+    models = {f: ex.quantize_model(ex.convert_function(em, f, CHUNK), quantize) for f in fns}
+    out = ex.save_package(models, tmp_path / f"m-{layout}-{quantize}.mlpackage")
+    return out, mirror, pred, aux_layers
+
+
+def _check(report, rel, cos=0.999):
+    for fn, r in report.items():
+        assert r["top1_match"], (fn, r)
+        assert r["rel_logit_diff"] < rel and r["logit_cosine"] > cos, (fn, r)
+        assert r["max_state_diff"] < max(rel, 1e-2), (fn, r)
+
+
+@pytest.mark.parametrize("family,layout", [("llama", "default"), ("qwen3", "ane")])
+def test_package_matches_the_mirror_in_the_interpreter(tiny_models, tmp_path, family, layout):
+    from converters.coreml.export import package_report
+    from converters.coreml.verify import verify_package
+
+    lm = load(str(tiny_models[family]))
+    kvp = _t_pair(lm)
+    out, mirror, pred, aux_layers = _export(lm, tmp_path, layout, kvp=kvp)
+    report = verify_package(out, mirror, pred, aux_layers, CHUNK, PROMPT)
+    assert set(report) == {"prefill", "decode", "kvp_prefill"}
+    _check(report, 1e-2)
+    rep = package_report(out)
+    m = lm.model
+    shape = [m.n_layers, m.n_kv_heads, CONTEXT, m.head_dim]
+    assert rep["states"] == {"key_cache": shape, "value_cache": shape}
+    assert CONTEXT % 32 == 0 and not rep["fp32_ops"]  # float16 compute throughout
+    assert rep["ops"]["coreml_update_state"] > 0 and rep["ops"]["slice_update"] > 0
+    if layout == "default":  # fused attention, one op per layer and function
+        n_fn = len(rep["functions"])
+        assert rep["fused_attention"] == m.n_layers * 2 + m.n_layers // 2 and n_fn == 3
+    else:  # 1x1 convolutions instead of linear layers (the head stays a linear)
+        assert rep["ops"]["conv"] > 0 and rep["ops"].get("linear", 0) <= len(rep["functions"])
+
+
+@pytest.mark.parametrize("family,quantize,rel,cos", [
+    ("qwen2", "int8", 2e-2, 0.999),  # qwen2: biased q/k/v projections, untied head
+    ("llama", "int4-block", 0.15, 0.97), ("llama", "palette4", 0.15, 0.97)])
+def test_quantized_packages_stay_close(tiny_models, tmp_path, family, quantize, rel, cos):
+    from converters.coreml.export import load_program, package_report
+    from converters.coreml.mil_interp import OPS
+    from converters.coreml.verify import verify_package
+
+    lm = load(str(tiny_models[family]))
+    out, mirror, _, _ = _export(lm, tmp_path, "default", quantize, decode=False)
+    _check(verify_package(out, mirror, None, 0, CHUNK, PROMPT), rel, cos)
+    rep = package_report(out)
+    op = "constexpr_lut_to_dense" if quantize == "palette4" else "constexpr_blockwise_shift_scale"
+    assert rep["ops"][op] > 0
+    # the interpreter's dequantization equals coremltools' own for every compressed weight
+    prog = load_program(out)
+    checked = 0
+    for fn in prog.functions.values():
+        for o in fn.operations:
+            if o.op_type == op:
+                params = {k: np.asarray(v.val) for k, v in o.inputs.items()}
+                np.testing.assert_allclose(OPS[op](params), o.materialized_val_inference(),
+                                           rtol=1e-3, atol=1e-3)
+                checked += 1
+    assert checked > 0
+
+
+def test_export_cli_writes_a_package_and_refuses_bad_options(tiny_models, cli_env, tmp_path):
+    model = str(tiny_models["llama"])
+    out = tmp_path / "tiny.mlpackage"
+    cmd = [sys.executable, "-m", "apps.cli", "export", "--model", model, "--out", str(out),
+           "--context", "64", "--chunk", "16", "--layout", "default", "--verify", "--json",
+           str(tmp_path / "r.json")]
+    r = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["functions"] == ["decode", "prefill"] and rep["verify"]["prefill"]["top1_match"]
+    assert "scaled_dot_product_attention" in r.stdout and "key_cache" in r.stdout
+    assert not list(tmp_path.glob(".export-*"))  # no temporary leftovers
+    bad = [(["--context", "100"], "multiple of 32"), (["--chunk", "0"], "--chunk"),
+           ([], "exists: pass --force")]
+    for extra, msg in bad:
+        r = subprocess.run(cmd[:8] + extra, env=cli_env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode != 0 and msg in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = subprocess.run(cmd[:7] + [str(tmp_path / "x.zip")], env=cli_env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0 and "must end in .mlpackage" in r.stderr
+    assert not (tmp_path / "x.zip").exists()
+
+
+@pytest.mark.skipif(platform.system() != "Darwin", reason="Core ML predict runs on macOS only; "
+                    "the interpreter tests above cover Linux")
+def test_core_ml_predict_matches_the_mirror_on_macos(tiny_models, tmp_path):
+    import coremltools as ct
+
+    from converters.coreml.verify import compare, mirror_reference
+
+    lm = load(str(tiny_models["llama"]))
+    out, mirror, _, _ = _export(lm, tmp_path)
+    model = ct.models.MLModel(str(out), function_name="prefill")
+    state = model.make_state()
+    logits = None
+    for s in range(0, len(PROMPT), CHUNK):
+        part = PROMPT[s:s + CHUNK]
+        ids = np.array([part + [0] * (CHUNK - len(part))], dtype=np.int32)
+        logits = model.predict({"input_ids": ids, "position": np.array([s], dtype=np.int32),
+                                "last_index": np.array([len(part) - 1], dtype=np.int32)},
+                               state=state)["logits"]
+    _, ref = mirror_reference(mirror, PROMPT, CONTEXT, CHUNK)
+    assert compare(logits, ref)["rel_logit_diff"] < 2e-2
+
+
+def test_float16_safe_norm_with_massive_activations(tiny_models, tmp_path):
+    """Residual streams of real models reach 1e4 (SmolLM2: 2.5e4): squaring them overflows
+    float16, so the exported RMS norm rescales first. Embeddings scaled by 2000 reproduce it."""
+    import torch
+
+    from converters.coreml import export as ex
+    from converters.coreml.verify import verify_package
+    from edgeprefill.mirror.loading import mirror_from_mlx
+
+    lm = load(str(tiny_models["llama"]))
+    mirror = mirror_from_mlx(lm.model)
+    with torch.no_grad():
+        mirror.model.embed_tokens.weight.mul_(2000.0)
+    em = ex.build(mirror, CONTEXT, "default")
+    out = ex.save_package({"prefill": ex.convert_function(em, "prefill", CHUNK)},
+                          tmp_path / "big.mlpackage")
+    report = verify_package(out, mirror, None, 0, CHUNK, PROMPT)
+    assert report["prefill"]["top1_match"] and report["prefill"]["logit_cosine"] > 0.999
