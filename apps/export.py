@@ -95,7 +95,7 @@ def run_export(args):
             models[f] = ex.convert_function(em, f, args.chunk, args.compute_units)
             bar.advance(task)
             bar.update(task, description=f"compressing {f} ({args.quantize})")
-            models[f] = ex.quantize_model(models[f], args.quantize)
+            models[f] = ex.quantize_model(models[f], args.quantize, mirror.vocab_size)
             bar.advance(task)
         bar.update(task, description="saving the multifunction package")
         ex.save_package(models, out)

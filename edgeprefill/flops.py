@@ -92,7 +92,8 @@ def tsp_flops(config, n_tokens, **_):
 
 STRATEGY_FLOPS = {"full": prefill_flops, "mlx-lm": prefill_flops, "kvp": kvp_flops,
                   "aux-only": aux_only_flops, "lazy": lazy_flops,
-                  "runahead": prefill_flops, "tsp": tsp_flops}
+                  "runahead": prefill_flops, "runahead-streams": prefill_flops,
+                  "tsp": tsp_flops}
 
 
 def flops_options(strategy):

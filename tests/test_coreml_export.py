@@ -38,15 +38,17 @@ def _t_pair(lm, source="hidden"):
     return aux, pred, predictor_to_torch(pred), len(aux.layers)
 
 
-def _export(lm, tmp_path, layout="default", quantize="none", kvp=None, decode=True):
+def _export(lm, tmp_path, layout="default", quantize="none", kvp=None, decode=True,
+            context=CONTEXT):
     from converters.coreml import export as ex
     from edgeprefill.mirror.loading import mirror_from_mlx
 
     mirror = mirror_from_mlx(lm.model)
     pred, aux_layers = (kvp[2], kvp[3]) if kvp else (None, 0)
-    em = ex.build(mirror, CONTEXT, layout, pred, aux_layers)
+    em = ex.build(mirror, context, layout, pred, aux_layers)
     fns = ["prefill"] + (["decode"] if decode else []) + (["kvp_prefill"] if kvp else [])
-    models = {f: ex.quantize_model(ex.convert_function(em, f, CHUNK), quantize) for f in fns}
+    models = {f: ex.quantize_model(ex.convert_function(em, f, CHUNK), quantize,
+                                   mirror.vocab_size) for f in fns}
     out = ex.save_package(models, tmp_path / f"m-{layout}-{quantize}.mlpackage")
     return out, mirror, pred, aux_layers
 
@@ -91,11 +93,18 @@ def test_quantized_packages_stay_close(tiny_models, tmp_path, family, quantize, 
     from converters.coreml.verify import verify_package
 
     lm = load(str(tiny_models[family]))
-    out, mirror, _, _ = _export(lm, tmp_path, "default", quantize, decode=False)
+    # a 256-position context: its RoPE tables (256 x 16) are above the compression threshold,
+    # and must stay float16 (compressed positions wreck attention)
+    out, mirror, _, _ = _export(lm, tmp_path, "default", quantize, decode=False, context=256)
     _check(verify_package(out, mirror, None, 0, CHUNK, PROMPT), rel, cos)
     rep = package_report(out)
     op = "constexpr_lut_to_dense" if quantize == "palette4" else "constexpr_blockwise_shift_scale"
-    assert rep["ops"][op] > 0
+    m = lm.model
+    shapes = [tuple(o.outputs[0].shape) for fn in load_program(out).functions.values()
+              for o in fn.operations if o.op_type == op]
+    assert (m.vocab_size, m.hidden_size) in shapes  # the embedding table is compressed
+    assert (256, m.head_dim) not in shapes  # the RoPE tables are not
+    assert rep["ops"][op] >= m.n_layers * 5  # q, o, gate, up, down at least
     # the interpreter's dequantization equals coremltools' own for every compressed weight
     prog = load_program(out)
     checked = 0

@@ -98,28 +98,40 @@ def convert_function(em, function, chunk, compute_units="ane"):
                       skip_model_load=True)
 
 
-def quantize_model(mlmodel, mode):
-    """Weight compression through coremltools.optimize, restricted to linear/conv weights (the
-    RoPE tables and other constants stay float16)."""
+def embedding_ops(mlmodel, vocab):
+    """Names of the ops that read the token-embedding table (its gather and, when tied, the
+    output head): the gathered constant of shape (vocab, hidden)."""
+    names = []
+    for fn in mlmodel._mil_program.functions.values():
+        for op in fn.operations:
+            if op.op_type != "gather" or op.x.op is None or op.x.op.op_type != "const":
+                continue
+            if op.x.rank == 2 and op.x.shape[0] == vocab:
+                names += [child.name for child in op.x.child_ops]
+    return sorted(set(names))
+
+
+def quantize_model(mlmodel, mode, vocab):
+    """Weight compression through coremltools.optimize: linear/conv weights and the embedding
+    table. Other gathered constants -- the RoPE cos/sin tables -- stay float16 (quantizing them
+    wrecks positions; the embedding is named op by op so its gather and a tied head agree)."""
     if mode == "none":
         return mlmodel
     from coremltools.optimize import coreml as cto
 
-    if mode == "int8":
-        cfg = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8",
-                                          granularity="per_channel", weight_threshold=2048)
-        return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(
-            op_type_configs={"linear": cfg, "conv": cfg, "gather": cfg}))
-    if mode == "int4-block":
-        cfg = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4",
-                                          granularity="per_block", block_size=32,
-                                          weight_threshold=2048)
-        return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(
-            op_type_configs={"linear": cfg, "conv": cfg, "gather": cfg}))
-    cfg = cto.OpPalettizerConfig(nbits=4, mode="uniform", granularity="per_grouped_channel",
-                                 group_size=16, weight_threshold=2048)
-    return cto.palettize_weights(mlmodel, cto.OptimizationConfig(
-        op_type_configs={"linear": cfg, "conv": cfg, "gather": cfg}))
+    if mode in ("int8", "int4-block"):
+        cfg = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8" if mode == "int8" else "int4",
+            granularity="per_channel" if mode == "int8" else "per_block", block_size=32,
+            weight_threshold=2048)
+        run = cto.linear_quantize_weights
+    else:
+        cfg = cto.OpPalettizerConfig(nbits=4, mode="uniform", granularity="per_grouped_channel",
+                                     group_size=16, weight_threshold=2048)
+        run = cto.palettize_weights
+    config = cto.OptimizationConfig(op_type_configs={"linear": cfg, "conv": cfg},
+                                    op_name_configs={n: cfg for n in embedding_ops(mlmodel, vocab)})
+    return run(mlmodel, config)
 
 
 def op_histogram(program):
