@@ -78,7 +78,10 @@ class Session:
             from apps.runahead import PooledRunahead
 
             self.console.print(f"[dim]starting {self.args.workers} runahead workers ...[/dim]")
+            t0 = time.perf_counter()
             new = PooledRunahead(self.lm, self.args.workers)
+            self.console.print(f"[dim]runahead workers ready ({time.perf_counter() - t0:.1f} s; "
+                               "the first prompt of a conversation runs on them)[/dim]")
         else:
             new = make_strategy(name, self.lm.model, **strategy_options(self.args, self.lm, name))
         if hasattr(old, "close"):

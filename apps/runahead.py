@@ -409,6 +409,7 @@ def serve(folder, lm, group, handoff):
     import mlx.core as mx
 
     folder, parent, k = Path(folder), os.getppid(), 0
+    (folder / f"ready-{group.rank()}").touch()  # model loaded: the pool may send jobs
     while True:
         job_file = folder / f"job-{k}.json"
         while not job_file.is_file():
@@ -459,12 +460,26 @@ class RunaheadPool:
                   "--serve", str(self.dir)]
         self.log = open(self.dir / "workers.log", "w")
         self.procs = start_local(workers, worker, backend, self.dir, output=self.log)
-        self.start_timeout = start_timeout
+        self._wait_for(lambda: all((self.dir / f"ready-{r}").exists() for r in range(workers)),
+                       start_timeout, "did not start")
+
+    def _wait_for(self, done, timeout, what, error_file=None):
+        """Poll until done(); on a dead rank, an error file or the timeout: stop, raise."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not done():
+            dead = [r for r, p in enumerate(self.procs) if p.poll() is not None]
+            if (error_file and error_file.is_file()) or dead or time.monotonic() > deadline:
+                why = error_file.read_text() if error_file and error_file.is_file() else (
+                    f"rank {dead[0]} exited" if dead else f"{what} within {timeout:.0f} s")
+                self.close()
+                raise EdgeprefillError(f"runahead workers failed ({why}): switch strategy "
+                                       "(/strategy full) or restart with fewer --workers")
+            time.sleep(0.002)
 
     def run(self, ids, timeout=None):
         """(cache arrays, result dict) of one runahead prefill of `ids`."""
-        import time
-
         import mlx.core as mx
 
         from edgeprefill.fsio import atomic_write_text
@@ -474,17 +489,8 @@ class RunaheadPool:
         atomic_write_text(self.dir / f"job-{k}.json",
                           json.dumps({"strategy": "runahead", "ids": list(ids), "logits": False}))
         out = self.dir / f"result-{k}.safetensors"
-        deadline = time.monotonic() + (timeout or (self.start_timeout if k == 0 else 600))
-        while not out.is_file():
-            err = self.dir / f"error-{k}.txt"
-            dead = [r for r, p in enumerate(self.procs) if p.poll() is not None]
-            if err.is_file() or dead or time.monotonic() > deadline:
-                why = err.read_text() if err.is_file() else (
-                    f"rank {dead[0]} exited" if dead else "no result in time")
-                self.close()
-                raise EdgeprefillError(f"runahead workers failed ({why}): switch strategy "
-                                       "(/strategy full) or restart with fewer --workers")
-            time.sleep(0.002)
+        self._wait_for(out.is_file, timeout or 600, "no result",
+                       error_file=self.dir / f"error-{k}.txt")
         arrays, meta = mx.load(str(out), return_metadata=True)
         out.unlink()
         return arrays, json.loads(meta["result"])
