@@ -20,7 +20,7 @@ _DTYPES = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "int32": 
 
 
 class UnsupportedOp(NotImplementedError):
-    pass
+    """A MIL op or dtype this interpreter does not implement (the message names it)."""
 
 
 def np_dtype(var):
@@ -142,10 +142,6 @@ def _reduce(fn):
         axes = None if axes is None else _axes(axes, x.ndim)
         return fn(x.astype(np.float32), axis=axes, keepdims=keep)
     return run
-
-
-def _band(p):
-    raise UnsupportedOp("band_part")
 
 
 def _binary(fn):

@@ -108,7 +108,7 @@ def verify_package(path, mirror, predictor=None, aux_layers=0, chunk=64, prompt_
         from edgeprefill.mirror.kvp.aux import AuxModel
         from edgeprefill.mirror.prefill.kv_prediction import KVPrediction
 
-        aux = AuxModel(mirror, range(aux_layers), f"T-{aux_layers}")
+        aux = AuxModel(mirror, range(aux_layers), "T")
         strat = KVPrediction(mirror, aux, predictor, chunk_size=chunk, tail=1)
         kcache = strat.make_cache(context)
         kcache, kref, _ = strat.prefill(ids, kcache)
