@@ -11,7 +11,10 @@ import statistics
 import sys
 import time
 
+from apps.runahead import PARALLEL_STRATEGIES, RANDOM_PAIR
 from edgeprefill.errors import EdgeprefillError
+
+KVP_STRATEGIES = {"kvp", "aux-only", "runahead-kvp"}  # need a KV Prediction pair
 
 
 def add_parser(sub):
@@ -20,18 +23,19 @@ def add_parser(sub):
     p = sub.add_parser("bench", help="measure TTFT per strategy and prompt length")
     add_model_args(p)
     p.add_argument("--strategies", default="full,mlx-lm",
-                   help="comma list: full, mlx-lm, kvp, aux-only, lazy, lazy-<schedule> (mlx "
-                   "backend); full, kvp (mirror backend)")
+                   help="comma list: full, mlx-lm, kvp, aux-only, lazy, lazy-<schedule>, "
+                   "runahead, tsp, runahead-kvp, runahead-streams (mlx backend); full, kvp, "
+                   "lazy (mirror backend)")
     p.add_argument("--prompt-tokens", default="128,512,1024", help="comma list of lengths")
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--prompts", type=int, default=1, help="distinct prompts per length")
     p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk (full)")
     p.add_argument("--kvp", default=None, metavar="FOLDER",
-                   help="KV Prediction artifact for the kvp strategy (default: the model's "
-                   "LP-0.50 artifact)")
+                   help="KV Prediction artifact for kvp / aux-only / runahead-kvp (default: "
+                   "the model's T-0.50 pair)")
     p.add_argument("--workers", type=int, default=2,
-                   help="runahead / tsp: local worker processes")
+                   help="runahead / tsp / runahead-kvp: local worker processes")
     p.add_argument("--backend", default="mlx", choices=["mlx", "mirror"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="mirror backend device")
@@ -61,7 +65,20 @@ def parse_list(text, cast, what):
     return items
 
 
-class MlxRunner:
+class Runner:
+    """What both backends share: `run_many`, every timed prefill of one prompt."""
+
+    def run_many(self, strategy, ids, count, progress=None):
+        """TTFTs (seconds) of `count` prefills of `ids`, in order (warm-ups first)."""
+        times = []
+        for _ in range(count):
+            times.append(self.run(strategy, ids)[0])
+            if progress:
+                progress()
+        return times
+
+
+class MlxRunner(Runner):
     """Runs strategies on the MLX backend: (prompt ids) -> (ttft seconds, first logits)."""
 
     def __init__(self, lm, chunk_size, kvp_artifact=None, random_pair=None, workers=2):
@@ -75,7 +92,7 @@ class MlxRunner:
     def available(self):
         from edgeprefill.prefill import SCHEDULES
 
-        return ("full", "mlx-lm", "kvp", "aux-only", "lazy", "runahead", "tsp",
+        return ("full", "mlx-lm", "kvp", "aux-only", "lazy", *PARALLEL_STRATEGIES,
                 "runahead-streams") + tuple(
             f"lazy-{s}" for s in SCHEDULES)
 
@@ -102,8 +119,9 @@ class MlxRunner:
 
         from edgeprefill.evaluate import continuation_logits, mean_nll
 
-        if strategy in ("runahead", "tsp"):  # exact by construction; first token measured
-            return self.run(strategy, prompt)[1], None
+        if strategy in PARALLEL_STRATEGIES:  # the last worker scores the continuation
+            r = self._parallel(strategy, prompt, continuation)
+            return np.array(r["logits"], dtype=np.float32), r.get("nll")
         if strategy == "mlx-lm":  # mlx-lm's own model call and prompt cache
             from mlx_lm.models.cache import make_prompt_cache
 
@@ -125,10 +143,10 @@ class MlxRunner:
 
         if name in ("mlx-lm", "runahead", "tsp"):
             return {}
-        return flops_options(self.strategy(name))
+        return flops_options(self.strategy("kvp" if name == "runahead-kvp" else name))
 
     def artifacts(self, strategies):
-        if self.random_pair or not {"kvp", "aux-only"} & set(strategies):
+        if self.random_pair or not KVP_STRATEGIES & set(strategies):
             return {}
         return {"kvp": str(self.kvp_artifact)}
 
@@ -142,14 +160,35 @@ class MlxRunner:
 
         return int(mx.get_peak_memory())
 
+    def _parallel(self, strategy, ids, continuation=None, trials=1):
+        """`trials` prefills on one launch of local workers: the last rank's result
+        (apps.runahead; ttft_all_s holds every trial's TTFT)."""
+        from apps.runahead import run_prefill
+
+        artifact = None
+        if strategy == "runahead-kvp":
+            artifact = RANDOM_PAIR if self.random_pair else self.kvp_artifact
+        return run_prefill(self.lm, ids, strategy, self.workers, artifact=artifact,
+                           continuation=continuation, trials=trials)
+
+    def run_many(self, strategy, ids, count, progress=None):
+        """Parallel strategies run every trial on ONE launch of the workers, so warm-ups warm
+        the processes that are timed (a fresh process pays one-off costs -- NCCL set-up, GPU
+        kernel loading -- that a long-running app pays once)."""
+        if strategy not in PARALLEL_STRATEGIES:
+            return super().run_many(strategy, ids, count, progress)
+        times = self._parallel(strategy, ids, trials=count)["ttft_all_s"]
+        for _ in range(count):
+            if progress:
+                progress()
+        return times
+
     def run(self, strategy, ids):
         import mlx.core as mx
         import numpy as np
 
-        if strategy in ("runahead", "tsp"):  # separate worker processes; TTFT measured there
-            from apps.runahead import run_prefill
-
-            r = run_prefill(self.lm, ids, strategy, self.workers)
+        if strategy in PARALLEL_STRATEGIES:  # separate worker processes; TTFT measured there
+            r = self._parallel(strategy, ids)
             return r["ttft_s"], np.array(r["logits"], dtype=np.float32)
         if strategy == "mlx-lm":
             from mlx_lm.generate import generate_step
@@ -164,7 +203,7 @@ class MlxRunner:
         return stats.ttft_s, np.array(logits)
 
 
-class MirrorRunner:
+class MirrorRunner(Runner):
     """Runs strategies on the torch mirror (CPU or CUDA)."""
 
     def __init__(self, lm, chunk_size, device, kvp_artifact=None):
@@ -247,6 +286,29 @@ class MirrorRunner:
 
         return int(torch.cuda.max_memory_allocated()) if self.device == "cuda" else None
 
+    def _parallel(self, strategy, ids, continuation=None, trials=1):
+        """`trials` prefills on one launch of local workers: the last rank's result
+        (apps.runahead; ttft_all_s holds every trial's TTFT)."""
+        from apps.runahead import run_prefill
+
+        artifact = None
+        if strategy == "runahead-kvp":
+            artifact = RANDOM_PAIR if self.random_pair else self.kvp_artifact
+        return run_prefill(self.lm, ids, strategy, self.workers, artifact=artifact,
+                           continuation=continuation, trials=trials)
+
+    def run_many(self, strategy, ids, count, progress=None):
+        """Parallel strategies run every trial on ONE launch of the workers, so warm-ups warm
+        the processes that are timed (a fresh process pays one-off costs -- NCCL set-up, GPU
+        kernel loading -- that a long-running app pays once)."""
+        if strategy not in PARALLEL_STRATEGIES:
+            return super().run_many(strategy, ids, count, progress)
+        times = self._parallel(strategy, ids, trials=count)["ttft_all_s"]
+        for _ in range(count):
+            if progress:
+                progress()
+        return times
+
     def run(self, strategy, ids):
         s, cache = self._cache(strategy, len(ids) + 1)
         _, logits, stats = s.prefill(ids, cache=cache)
@@ -307,12 +369,7 @@ def bench_records(runner, lm, strategies, lengths, trials, warmup, n_prompts, pr
             times = []
             runner.peak_reset()
             for p, _ in sets:
-                for t in range(warmup + trials):
-                    ttft, _ = runner.run(s, p)
-                    if t >= warmup:
-                        times.append(ttft)
-                    if progress:
-                        progress()
+                times += runner.run_many(s, p, warmup + trials, progress)[warmup:]
             peak = runner.peak()
             q = {"first_token_agreement": None, "first_token_kl": None, "nll": None,
                  "nll_exact": None, "nll_ratio": None}
@@ -370,7 +427,10 @@ def run(args):
             dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
         lm = load_random(args.shape, dtype=dtype)
         args.random_tokens = True
-        if {"kvp", "aux-only"} & set(strategies):
+        if KVP_STRATEGIES & set(strategies):
+            if args.aux_shape and "runahead-kvp" in strategies:
+                raise EdgeprefillError("runahead-kvp with --shape runs the T-0.50 random pair "
+                                       "only: drop --aux-shape")
             random_pair = random_kvp_pair(lm, args.aux_shape, dtype)
     else:
         if args.aux_shape:
@@ -379,7 +439,7 @@ def run(args):
     from apps.generate import strategy_options
 
     kvp = None
-    if {"kvp", "aux-only"} & set(strategies) and not random_pair:
+    if KVP_STRATEGIES & set(strategies) and not random_pair:
         kvp = strategy_options(args, lm, "kvp")["artifact"]
     runner = (MlxRunner(lm, args.chunk_size, kvp, random_pair, args.workers)
               if args.backend == "mlx"

@@ -3,6 +3,7 @@
 import json
 import sys
 
+from apps.runahead import PARALLEL_STRATEGIES
 from edgeprefill.errors import EdgeprefillError
 
 
@@ -21,15 +22,17 @@ def add_parser(sub):
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--strategy", default="full",
                    help="prefill strategy: full, kvp, aux-only, lazy, lazy-<schedule>, runahead, "
-                   "tsp (default: full)")
+                   "tsp, runahead-kvp (kvp whose aux prefill runs on the runahead workers; "
+                   "default: full)")
     p.add_argument("--kvp", default=None, metavar="FOLDER",
-                   help="KV Prediction artifact for --strategy kvp / aux-only (default: the "
+                   help="KV Prediction artifact for --strategy kvp / aux-only / runahead-kvp (default: the "
                    "model's T-0.50 artifact from `edgeprefill kvp fit`; fitted on first use "
                    "for the default model)")
     p.add_argument("--workers", type=int, default=2,
-                   help="runahead / tsp: local worker processes (mlx.launch, ring backend)")
+                   help="runahead / tsp / runahead-kvp: local worker processes")
     p.add_argument("--hostfile", default=None,
-                   help="runahead / tsp: mlx.launch hostfile spreading workers over machines")
+                   help="runahead / tsp / runahead-kvp: mlx.launch hostfile spreading workers "
+                   "over machines")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -60,7 +63,7 @@ def validate_sampling(args):
 def strategy_options(args, lm, name=None):
     """Options for make_strategy from the command line (kvp, aux-only: the artifact folder;
     the default pair is fitted on first use for the bundled model)."""
-    if (name or args.strategy) not in ("kvp", "aux-only"):
+    if (name or args.strategy) not in ("kvp", "aux-only", "runahead-kvp"):
         return {}
     from apps.kvp import default_artifact_path, ensure_default_artifact
 
@@ -91,7 +94,7 @@ def run(args):
     lm = load(args.model, dtype=args.dtype)
     ids = build_prompt(lm.tokenizer, prompt, system=args.system,
                        chat_template=not args.no_chat_template)
-    if args.strategy in ("runahead", "tsp"):
+    if args.strategy in PARALLEL_STRATEGIES:
         return run_parallel(args, lm, ids, err)
     strategy = make_strategy(args.strategy, lm.model, **strategy_options(args, lm))
     result = None
@@ -112,14 +115,15 @@ def run(args):
 
 
 def run_parallel(args, lm, ids, err):
-    """runahead / tsp: the workers prefill (and the last one decodes greedily); print the text."""
+    """runahead / tsp / runahead-kvp: the workers prefill (and the last one decodes greedily); print the text."""
     from apps.runahead import run_prefill
 
+    artifact = strategy_options(args, lm).get("artifact")
     if args.temp > 0:
         raise EdgeprefillError(f"--strategy {args.strategy} decodes greedily on the last worker: "
                                "use --temp 0")
     r = run_prefill(lm, ids, args.strategy, args.workers, max_tokens=args.max_tokens,
-                    hostfile=args.hostfile, dtype=args.dtype)
+                    hostfile=args.hostfile, dtype=args.dtype, artifact=artifact)
     eos = set(lm.tokenizer.eos_token_ids)
     tokens = r["tokens"]
     cut = next((k for k, t in enumerate(tokens) if t in eos), len(tokens))

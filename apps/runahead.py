@@ -13,6 +13,8 @@ from pathlib import Path
 from edgeprefill.errors import EdgeprefillError
 
 TABLE_NAME = "runahead-partitions.json"
+PARALLEL_STRATEGIES = ("runahead", "tsp", "runahead-kvp")  # prefilled by worker processes
+RANDOM_PAIR = "random:T-0.50"  # runahead-kvp's artifact for random-weight shapes (speed only)
 
 
 def add_parser(sub):
@@ -239,8 +241,9 @@ def _wait(procs, timeout):
 def run_jobs(lm, jobs, n_workers, timeout=300, hostfile=None, dtype="auto", backend="auto",
              link=False):
     """Launch the workers once and run every job on them (no process start or model load
-    between jobs). A job: {"strategy": "runahead"|"tsp", "ids": [...], optional "sizes",
-    "alpha", "trials", "check", "max_tokens", "logits"}. With `link`, the last two ranks time
+    between jobs). A job: {"strategy": one of PARALLEL_STRATEGIES, "ids": [...], optional
+    "sizes", "alpha", "trials", "check", "max_tokens", "logits", "continuation", and for
+    runahead-kvp "artifact"}. With `link`, the last two ranks time
     point-to-point messages (the projection model's link figures).
 
     Returns:
@@ -262,10 +265,19 @@ def run_jobs(lm, jobs, n_workers, timeout=300, hostfile=None, dtype="auto", back
 
 
 def run_prefill(lm, ids, strategy, n_workers, timeout=300, sizes=None, check=False,
-                max_tokens=0, trials=1, hostfile=None, alpha=None, dtype="auto", backend="auto"):
-    """Launch the workers on `ids`; the last rank's JSON result."""
+                max_tokens=0, trials=1, hostfile=None, alpha=None, dtype="auto", backend="auto",
+                artifact=None, continuation=None):
+    """Launch the workers on `ids`; the last rank's JSON result (runahead-kvp: `artifact`
+    is the KV Prediction folder every worker loads)."""
+    if strategy == "runahead-kvp" and not artifact:
+        raise EdgeprefillError("runahead-kvp needs a KV Prediction artifact: pass --kvp FOLDER")
+    if strategy == "runahead-kvp" and artifact != RANDOM_PAIR:
+        kvp_for(lm, str(Path(artifact).resolve()))  # refuse a bad artifact before launching
     job = {"strategy": strategy, "ids": list(ids), "sizes": sizes, "alpha": alpha,
-           "trials": trials, "check": check, "max_tokens": max_tokens}
+           "trials": trials, "check": check, "max_tokens": max_tokens,
+           "artifact": (str(Path(artifact).resolve())
+                        if artifact and artifact != RANDOM_PAIR else artifact),
+           "continuation": list(continuation) if continuation else None}
     return run_jobs(lm, [job], n_workers, timeout, hostfile, dtype, backend)["results"][0]
 
 
@@ -316,47 +328,97 @@ def handoff_for(backend):
     return "allsum" if backend == "nccl" and mx.cuda.is_available() else "sendrecv"
 
 
-def run_job(lm, group, job, index, handoff):
-    """Run one prefill job on this rank: (result dict or None, cache, logits); the result,
-    cache and logits come back on the rank that ends with the cache."""
-    import mlx.core as mx
+_KVP = {}  # artifact path -> KVPrediction, loaded once per worker process
 
-    from edgeprefill.prefill import FullPrefill
-    from edgeprefill.prefill.runahead import RunaheadPrefill, TspPrefill, runahead_bytes
 
-    ids = job["ids"]
+def job_strategy(lm, group, job, handoff):
+    """The strategy object of one job on this rank (runahead-kvp loads its artifact once)."""
+    from edgeprefill.prefill.runahead import RunaheadKVPrediction, RunaheadPrefill, TspPrefill
+
     if job.get("sizes"):
         sizes = job["sizes"]
     elif job.get("alpha") is not None:
-        sizes = mixed_partition(len(ids), group.size(), lm.config, job["alpha"])
-    elif job["strategy"] == "runahead":
-        sizes = partition_from_table(lm.model_id, len(ids), group.size(), lm.config,
-                                     warn=group.rank() == 0)
+        alpha = job["alpha"]
+        sizes = lambda n, p: mixed_partition(n, p, lm.config, alpha)  # noqa: E731
+    elif job["strategy"] != "tsp":  # the tuned table (the aux's tokens for runahead-kvp)
+        sizes = lambda n, p: partition_from_table(lm.model_id, n, p, lm.config,  # noqa: E731
+                                                  warn=group.rank() == 0)
     else:
         sizes = None
+    if job["strategy"] == "runahead-kvp":
+        return RunaheadKVPrediction(kvp_for(lm, job["artifact"]), group, sizes,
+                                    handoff=handoff)
     cls = RunaheadPrefill if job["strategy"] == "runahead" else TspPrefill
-    strategy = cls(lm.model, group, sizes, handoff=handoff)
+    return cls(lm.model, group, sizes, handoff=handoff)
+
+
+def kvp_for(lm, artifact):
+    """The KVPrediction of an artifact folder (or RANDOM_PAIR), loaded once per process."""
+    from edgeprefill.prefill import make_strategy
+
+    if artifact not in _KVP:
+        _KVP[artifact] = (random_kvp(lm) if artifact == RANDOM_PAIR
+                          else make_strategy("kvp", lm.model, artifact=artifact))
+    return _KVP[artifact]
+
+
+def random_kvp(lm):
+    """kvp with the random T-0.50 pair of a random-weight model, the same on every rank."""
+    import mlx.core as mx
+
+    from apps.bench import random_kvp_pair
+    from edgeprefill.prefill import KVPrediction
+
+    if not lm.model_id.startswith("random:"):
+        raise EdgeprefillError(f"{RANDOM_PAIR} is for random-weight shapes (--shape) only")
+    mx.random.seed(0)
+    return KVPrediction(lm.model, *random_kvp_pair(lm, None, lm.model.dtype))
+
+
+def run_job(lm, group, job, index, handoff):
+    """Run one prefill job on this rank: (result dict or None, cache, logits); the result,
+    cache and logits come back on the rank that ends with the cache. A job's optional
+    "continuation" (token ids) adds the teacher-forced mean NLL over the cache it made."""
+    import mlx.core as mx
+
+    from edgeprefill.prefill import FullPrefill
+    from edgeprefill.prefill.runahead import kvp_runahead_bytes, runahead_bytes
+
+    ids = job["ids"]
+    strategy = job_strategy(lm, group, job, handoff)
     times = []
     for _ in range(max(1, job.get("trials") or 1)):
         cache, logits, stats = strategy.prefill(ids)
         times.append(stats.ttft_s)
     if logits is None:
         return None, None, None  # not the rank that ends with the cache
-    result = {"job": index, "strategy": job["strategy"], "workers": group.size(), "n": len(ids),
-              "ttft_s": min(times), "ttft_all_s": times, "sizes": stats.extra["sizes"],
-              "alpha": job.get("alpha"),
-              "bytes": (runahead_bytes(lm.model, stats.extra["sizes"])
-                        if job["strategy"] == "runahead"
-                        else stats.extra["bytes_received"] * group.size()),
+    sizes = stats.extra["sizes"]
+    name = job["strategy"]
+    bytes_moved = (runahead_bytes(lm.model, sizes) if name == "runahead" else
+                   kvp_runahead_bytes(strategy.kvp, sizes) if name == "runahead-kvp" else
+                   stats.extra["bytes_received"] * group.size())
+    result = {"job": index, "strategy": name, "workers": group.size(), "n": len(ids),
+              "ttft_s": min(times), "ttft_all_s": times, "sizes": sizes,
+              "alpha": job.get("alpha"), "bytes": bytes_moved,
               "first_token": int(mx.argmax(logits).item()),
               "logits": [float(x) for x in logits.tolist()] if job.get("logits", True)
               else None}
-    if job.get("check"):
-        fcache, flogits, _ = FullPrefill(lm.model).prefill(ids)
+    if job.get("check"):  # against the same strategy in one process
+        ref = (strategy.kvp if name == "runahead-kvp" else FullPrefill(lm.model))
+        fcache, flogits, _ = ref.prefill(ids)
         diff = float(mx.abs(flogits - logits).max().item())
-        kdiff = max(float(mx.abs(a.keys_and_values()[t] - b.keys_and_values()[t]).max()
-                          .item()) for a, b in zip(cache, fcache) for t in (0, 1))
+        pairs = list(zip(cache, fcache)) + list(zip(getattr(cache, "aux", None) or [],
+                                                    getattr(fcache, "aux", None) or []))
+        kdiff = max([float(mx.abs(a.keys_and_values()[t] - b.keys_and_values()[t]).max()
+                          .item()) for a, b in pairs if a.offset and a.offset == b.offset
+                      for t in (0, 1)] + [0.0])
+        kdiff = max(kdiff, max(abs(a.offset - b.offset) for a, b in pairs))
         result.update(max_logit_diff=diff, max_cache_diff=kdiff, cache_offset=cache[0].offset)
+    if job.get("continuation"):
+        from edgeprefill.evaluate import continuation_logits, mean_nll
+
+        cont = job["continuation"]
+        result["nll"] = mean_nll(continuation_logits(lm.model, cache, logits, cont), cont)
     if job.get("max_tokens"):
         from mlx_lm.sample_utils import make_sampler
 

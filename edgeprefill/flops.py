@@ -93,7 +93,7 @@ def tsp_flops(config, n_tokens, **_):
 STRATEGY_FLOPS = {"full": prefill_flops, "mlx-lm": prefill_flops, "kvp": kvp_flops,
                   "aux-only": aux_only_flops, "lazy": lazy_flops,
                   "runahead": prefill_flops, "runahead-streams": prefill_flops,
-                  "tsp": tsp_flops}
+                  "tsp": tsp_flops, "runahead-kvp": kvp_flops}
 
 
 def flops_options(strategy):

@@ -57,8 +57,8 @@ def test_bench_kvp_rows_plot_and_speed_only_modes(tiny_models, cli_env, tmp_path
     assert r.returncode == 0, r.stderr
     out, png = tmp_path / "b.json", tmp_path / "b.png"
     r = subprocess.run([sys.executable, "-m", "apps.cli", "bench", "--model", model,
-                        "--strategies", "full,kvp,aux-only", "--kvp", str(art),
-                        "--prompt-tokens", "24", "--trials", "1", "--continuation", "8",
+                        "--strategies", "full,kvp,aux-only,runahead-kvp", "--kvp", str(art),
+                        "--prompt-tokens", "24", "--trials", "2", "--continuation", "8",
                         "--json", str(out), "--plot", str(png)], env=cli_env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -68,10 +68,15 @@ def test_bench_kvp_rows_plot_and_speed_only_modes(tiny_models, cli_env, tmp_path
     assert recs["kvp"]["ttft_flops"] < recs["full"]["ttft_flops"]
     assert recs["aux-only"]["ttft_flops"] < recs["full"]["ttft_flops"]
     assert recs["kvp"]["nll_ratio"] > 0 and recs["full"]["nll_ratio"] == 1.0
+    # kvp with its aux prefill on 2 runahead workers: the same prediction, so the same quality
+    ra = recs["runahead-kvp"]
+    assert ra["trials"] == 2 and ra["ttft_flops"] == recs["kvp"]["ttft_flops"]
+    for key in ("first_token_agreement", "first_token_kl", "nll_ratio"):
+        assert abs(ra[key] - recs["kvp"][key]) < 1e-4, key
     assert png.read_bytes()[:4] == b"\x89PNG"
     # speed only: random tokens, and a random-weight shape; quality is omitted, not faked
     for extra in (["--model", model, "--random-tokens"], ["--shape", "tiny", "--strategies",
-                                                          "full,kvp"]):
+                                                          "full,kvp,runahead-kvp"]):
         r = subprocess.run([sys.executable, "-m", "apps.cli", "bench", *extra,
                             "--prompt-tokens", "16", "--trials", "1", "--json", str(out)],
                            env=cli_env, capture_output=True, text=True, timeout=300)

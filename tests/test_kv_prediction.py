@@ -269,3 +269,55 @@ def test_bundled_default_pair_is_complete():
     assert len(predicted) == 15 and len(w) == 4 * len(predicted)
     assert w["k_proj.0.weight"].shape == (192, 576) and w["v_proj.14.bias"].shape == (192,)
     assert card["quality"]["pairs"] == 40 and card["quality"]["first_token_agreement"] >= 0.8
+
+
+@pytest.mark.parametrize("family,spec,source", [("qwen3", "LP-0.50", "kv"),
+                                                ("llama", "T-0.50", "hidden2")])
+def test_stacked_prediction_equals_layer_by_layer(tiny_models, family, spec, source):
+    """The inference path predicts every layer in one batched matmul and one RoPE call, into
+    views of one buffer: the same cache as one Linear, k_norm and RoPE per layer."""
+    from apps.kvp import build_predictor
+
+    m = load(str(tiny_models[family])).model
+    mx.random.seed(5)
+    aux, pred = build_predictor(m, spec, source)
+    ids = list(range(7, 40))
+    kvp = KVPrediction(m, aux, pred, chunk_size=12)  # three aux chunks: views, then appends
+    cache, _, _ = kvp.prefill(ids)
+    out = aux.forward(mx.array(ids[:-1])[None], aux.make_cache(), pred.hidden_layers())
+    for i, k, v in pred.base_kv(out):
+        k = m.rotate_keys(i, k.astype(m.dtype), offset=0)
+        got_k, got_v = cache[i].keys_and_values()
+        np.testing.assert_allclose(np.array(got_k)[:, :, :-1], np.array(k), atol=1e-5)
+        np.testing.assert_allclose(np.array(got_v)[:, :, :-1], np.array(v), atol=1e-5)
+    one = KVPrediction(m, aux, pred, chunk_size=512)
+    cache1, _, _ = one.prefill(ids)
+    i = pred.predicted[0]
+    assert cache1[i].offset == len(ids) and cache1[i].keys.shape[2] % cache1[i].step == 0
+
+
+@pytest.mark.parametrize("family,spec,source", [("qwen3", "LP-0.50", "kv"),
+                                                ("llama", "T-0.50", "hidden")])
+def test_overlapped_base_step_equals_sequential(tiny_models, family, spec, source):
+    """The GPU path queues each base layer's one-token step on a second stream as soon as its
+    K/V are predicted: the same cache and logits as running the aux first, then the base."""
+    from apps.kvp import build_predictor
+
+    m = load(str(tiny_models[family])).model
+    mx.random.seed(6)
+    aux, pred = build_predictor(m, spec, source)
+    ids = list(range(9, 40))
+    seq, ov = (KVPrediction(m, aux, pred, overlap=o, tail=3) for o in (False, True))
+    c1, l1, s1 = seq.prefill(ids)
+    c2, l2, s2 = ov.prefill(ids)
+    assert not s1.extra["overlap"] and s2.extra["overlap"]
+    np.testing.assert_allclose(np.array(l2), np.array(l1), atol=1e-5)
+    for a, b in zip(list(c1) + c1.aux, list(c2) + c2.aux):
+        assert a.offset == b.offset
+        for x, y in zip(a.keys_and_values(), b.keys_and_values()):
+            np.testing.assert_allclose(np.array(y), np.array(x), atol=1e-5)
+    # a second turn continues the overlapped cache on the sequential path
+    _, l3, s3 = ov.prefill(ids[:7], c2)
+    _, l4, _ = seq.prefill(ids[:7], c1)
+    assert not s3.extra["overlap"]
+    np.testing.assert_allclose(np.array(l3), np.array(l4), atol=1e-5)

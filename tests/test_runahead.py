@@ -71,6 +71,28 @@ def test_generate_cli_with_runahead_workers(tiny_models, cli_env):
     assert outs["runahead"]["stats"]["workers"] == 2
 
 
+def test_generate_cli_with_runahead_kvp_equals_kvp(tiny_models, cli_env, tmp_path):
+    lm = load(str(tiny_models["llama"]))
+    art = _random_pair_artifact(lm, "T-0.50", "hidden", tmp_path / "art")
+    outs = {}
+    for strategy in ("kvp", "runahead-kvp"):
+        r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", lm.spec,
+                            "--prompt", "the quick brown fox jumps over the lazy dog",
+                            "--strategy", strategy, "--kvp", str(art), "--workers", "2",
+                            "--max-tokens", "5", "--json"], env=cli_env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        outs[strategy] = json.loads(r.stdout)
+    assert outs["runahead-kvp"]["text"] == outs["kvp"]["text"]
+    assert outs["runahead-kvp"]["stats"]["bytes_moved"] > 0
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", lm.spec,
+                        "--prompt", "hi", "--strategy", "runahead-kvp", "--kvp",
+                        str(tmp_path / "missing")], env=cli_env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1 and "no KV Prediction artifact" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_partition_table_interpolates_and_falls_back(lm, tmp_path, capsys):
     from apps.runahead import mixed_partition, partition_from_table
 
@@ -135,3 +157,52 @@ def test_stream_runahead_equals_full(lm, devices, sizes):
     with pytest.raises(ValueError, match="does not split"):
         StreamRunahead(lm.model, devices, [1, 1]).prefill(ids)
     mx.eval(logits)
+
+
+def _random_pair_artifact(lm, spec, source, folder):
+    """An artifact folder: aux `spec` of the tiny base with a random-weight predictor."""
+    import mlx.core as mx
+
+    from apps.kvp import build_predictor
+    from edgeprefill.kvp.artifact import save_artifact
+
+    mx.random.seed(3)
+    aux, pred = build_predictor(lm.model, spec, source)
+    return save_artifact(folder, pred, aux, lm.model, lm.model_id, {"method": "random"})
+
+
+def test_runahead_kvp_equals_single_process_kvp(lm, tmp_path):
+    """runahead as the aux prefill of kvp: the cache (base and aux) and logits equal
+    single-process kvp for a truncated aux with a hidden-state predictor and a layer-pruned aux
+    with the paper's K/V predictor, on uneven and balanced partitions, with more workers than
+    the aux has tokens, and for a one-token prompt (the base step only)."""
+    from apps.runahead import run_jobs
+    from edgeprefill.prefill import make_strategy
+    from edgeprefill.prefill.runahead import kvp_runahead_bytes, runahead_bytes
+
+    t50 = _random_pair_artifact(lm, "T-0.50", "hidden", tmp_path / "t50")
+    lp50 = _random_pair_artifact(lm, "LP-0.50", "kv", tmp_path / "lp50")
+    ids = list(range(5, 28))
+    cont = list(range(40, 46))
+    jobs = [{"strategy": "runahead-kvp", "ids": ids, "artifact": str(t50), "check": True,
+             "sizes": [12, 7, 3], "continuation": cont},
+            {"strategy": "runahead-kvp", "ids": ids, "artifact": str(lp50), "check": True},
+            {"strategy": "runahead-kvp", "ids": ids[:3], "artifact": str(t50), "check": True},
+            {"strategy": "runahead-kvp", "ids": ids[:1], "artifact": str(t50), "check": True}]
+    rep = run_jobs(lm, jobs, 3, timeout=180)
+    for job, r in zip(jobs, rep["results"]):
+        assert r["max_logit_diff"] < 1e-4 and r["max_cache_diff"] < 1e-4, (job, r)
+        assert r["cache_offset"] == len(job["ids"])
+        assert sum(r["sizes"]) == len(job["ids"]) - 1  # the aux runs over prompt[:-1]
+    first = rep["results"][0]
+    assert first["sizes"] == [12, 7, 3]
+    assert rep["results"][2]["sizes"] == [1, 1] and rep["results"][3]["sizes"] == [0]
+    kvp = make_strategy("kvp", lm.model, artifact=t50)
+    cache, logits, _ = kvp.prefill(ids)
+    from edgeprefill.evaluate import continuation_logits, mean_nll
+
+    assert abs(first["nll"] - mean_nll(continuation_logits(lm.model, cache, logits, cont),
+                                       cont)) < 1e-4
+    # a truncated aux of the base hands on as many K/V bytes as runahead over the base
+    assert kvp_runahead_bytes(kvp, [12, 7, 3]) == runahead_bytes(lm.model, [12, 7, 3])
+    assert first["bytes"] == runahead_bytes(lm.model, [12, 7, 3])

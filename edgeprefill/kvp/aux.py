@@ -50,13 +50,17 @@ class AuxModel:
     def make_cache(self):
         return [KVCache() for _ in self.layers]
 
-    def forward(self, ids, cache, hidden_from=()):
+    def forward(self, ids, cache, hidden_from=(), before_layer=None, after_layer=None):
         """Run the aux over (1, L) ids after what `cache` holds.
 
         Args:
             ids: (1, L) int token ids.
             cache: the aux's per-layer caches (from make_cache), extended in place.
             hidden_from: aux layer indices whose output hidden state to return.
+            before_layer, after_layer: optional calls (a) and (a, out) around aux layer a,
+                `out` the AuxOutput so far (out.h: the hidden state leaving layer a). KV
+                runahead receives the prefix K/V into cache[a] before and sends it on after;
+                kvp's overlapped path queues the base step's layers as their K/V appear.
         Returns:
             AuxOutput.
         """
@@ -65,12 +69,15 @@ class AuxModel:
         if -1 in hidden_from:
             out.hidden[-1] = h
         for a, layer in enumerate(self.layers):
+            if before_layer:
+                before_layer(a)
             blk = self.model.block(layer, h, cache=None if cache is None else cache[a])
-            h = blk.h
+            h = out.h = blk.h
             out.kv.append((blk.keys, blk.values))
             if a in hidden_from:
                 out.hidden[a] = h
-        out.h = h
+            if after_layer:
+                after_layer(a, out)
         return out
 
     def logits(self, h):

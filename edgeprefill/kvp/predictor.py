@@ -132,3 +132,39 @@ class KVPredictor(PredictorPlan, nn.Module):
             lin.weight = eye
             lin.bias = mx.zeros((kv_heads * head_dim,), dtype=dtype)
         return pred
+
+
+class StackedPredictor:
+    """A KVPredictor's Linears stacked for inference: the keys (and values) of every
+    predicted base layer come out of one batched matmul instead of one Linear per layer (on
+    a GPU the per-layer kernels and host dispatches, not the FLOPs, dominate this step).
+    Build it after the predictor's weights are final.
+
+    Args:
+        pred: a KVPredictor.
+    """
+
+    def __init__(self, pred):
+        self.pred = pred
+        self.layers = list(pred.predicted)
+        self.aux_layers = sorted({pred.layer_map[i] for i in self.layers})
+        rows = [self.aux_layers.index(pred.layer_map[i]) for i in self.layers]
+        self.rows = None if rows == list(range(len(rows))) else mx.array(rows)
+        self.weights = [(mx.stack([lin.weight.T for lin in projs]),
+                         mx.stack([lin.bias for lin in projs])[:, None, :])
+                        for projs in (pred.k_proj, pred.v_proj)]
+        mx.eval(self.weights)
+
+    def __call__(self, aux_out, skip=0):
+        """(keys, values), each (P, Hkv_B, L - skip, hd_B) pre-RoPE, row s being base layer
+        self.layers[s]: what pred.predict gives layer by layer."""
+        pred = self.pred
+        feats = [pred.features(aux_out, j, skip) for j in self.aux_layers]
+        out = []
+        for t, (w, b) in enumerate(self.weights):
+            x = mx.concatenate([f[t] for f in feats], axis=0)  # (J, L, in)
+            if self.rows is not None and len(self.aux_layers) > 1:
+                x = x[self.rows]  # (P, L, in): each layer's aux features
+            y = x.astype(w.dtype) @ w + b  # (P, L, out); one aux layer broadcasts
+            out.append(split_heads(y, pred.base_kv_heads))
+        return out[0], out[1]

@@ -156,6 +156,22 @@ class Transformer:
             keys = attn.k_norm(keys)
         return apply_rope(attn.rope, keys, offset, positions)
 
+    def rotate_keys_stacked(self, layers, keys, offset=0):
+        """rotate_keys for several layers at once (one k_norm and one RoPE call: every
+        layer's RoPE is the same).
+
+        Args:
+            layers: base layer indices, one per row of `keys`.
+            keys: (P, Hkv, L, hd) pre-RoPE keys, row s belonging to layer layers[s].
+        Returns:
+            (P, Hkv, L, hd) rotated keys.
+        """
+        attn = [self.layers[i].self_attn for i in layers]
+        if self.has_qk_norm:
+            w = mx.stack([a.k_norm.weight for a in attn])[:, None, None, :]
+            keys = mx.fast.rms_norm(keys, None, attn[0].k_norm.eps) * w
+        return apply_rope(attn[0].rope, keys, offset)
+
     def block(self, i, h, cache=None, offset=None, positions=None, prefix_kv=None,
               replace_kv=None, mask=None, return_attn_row=False):
         """Run transformer block i.

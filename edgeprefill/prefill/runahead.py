@@ -66,6 +66,16 @@ def runahead_bytes(model, sizes):
     return sum(ends[:-1]) * kv_bytes_per_token(model) * model.n_layers
 
 
+def kvp_runahead_bytes(kvp, sizes):
+    """Bytes runahead-kvp sends for chunk `sizes` of the aux's tokens: the aux layers' K/V
+    handed on layer by layer plus the predicted base layers' K/V (one message per rank)."""
+    ends = [sum(sizes[:r + 1]) for r in range(len(sizes))]
+    aux, pred = kvp.aux, kvp.predictor
+    per_token = (kv_bytes_per_token(aux.model) * aux.n_layers
+                 + kv_bytes_per_token(kvp.model) * len(pred.predicted))
+    return sum(ends[:-1]) * per_token
+
+
 def tsp_bytes(model, n, p):
     """Bytes tsp's all-gathers deliver over all layers (each rank receives the others' K/V)."""
     return (p - 1) * n * kv_bytes_per_token(model) * model.n_layers
@@ -104,6 +114,24 @@ class RunaheadPrefill:
     def sizes(self, n):
         return resolve_partition(self.partition, n, self.group.size(), self.model.config)
 
+    def take_prefix(self, layer_cache, s0, r, model=None):
+        """Rank r > 0: receive the rotated K/V of positions 0..s0-1 of one layer of `model`
+        (default: the base) from rank r-1 into `layer_cache` (a fresh KVCache)."""
+        if r > 0:
+            m = model or self.model
+            kv = self._recv((2, m.n_kv_heads, s0, m.head_dim), m.dtype, r - 1)
+            layer_cache.update_and_fetch(kv[0:1], kv[1:2])
+
+    def pass_on(self, layer_cache, h, r, p, stats):
+        """After a layer: rank r < p-1 sends the prefix plus its chunk's K/V (one message, K
+        and V stacked) to rank r+1; every rank evaluates the layer before the next one."""
+        if r < p - 1:
+            kv = mx.concatenate(layer_cache.keys_and_values(), axis=0)
+            mx.eval(h, self._send(kv, r + 1))
+            stats.extra["bytes_sent"] += kv.nbytes
+        else:
+            mx.eval(h, layer_cache.keys_and_values())
+
     def _begin(self, prompt_ids, cache, counter):
         """(start time, ids, n, sizes, rank, stats) shared by runahead and tsp."""
         if cache is not None:
@@ -131,18 +159,10 @@ class RunaheadPrefill:
         s0 = sum(sizes[:r])
         h = m.embed(ids[s0:s0 + sizes[r]][None])
         cache = PromptCache(m.make_cache())
-        shape = (2, m.n_kv_heads, s0, m.head_dim)  # K and V in one message: no reordering
         for i in range(m.n_layers):
-            if r > 0:  # the prefix's rotated K/V from the previous rank
-                kv = self._recv(shape, m.dtype, r - 1)
-                cache[i].update_and_fetch(kv[0:1], kv[1:2])
+            self.take_prefix(cache[i], s0, r)
             h = m.block(i, h, cache=cache[i]).h
-            if r < p - 1:
-                kv = mx.concatenate(cache[i].keys_and_values(), axis=0)
-                mx.eval(h, self._send(kv, r + 1))
-                stats.extra["bytes_sent"] += kv.nbytes
-            else:
-                mx.eval(h, cache[i].keys_and_values())
+            self.pass_on(cache[i], h, r, p, stats)
         logits = None
         if r == p - 1:
             logits = m.head(h[:, -1:])[0, -1].astype(mx.float32)
@@ -209,6 +229,92 @@ class TspPrefill(RunaheadPrefill):
         return cache, logits, stats
 
 
+
+
+class RunaheadKVPrediction(RunaheadPrefill):
+    """`kvp` whose aux prefill runs as KV-Runahead (the composition of sections 1 and 3 of
+    shared/PAPERS.md), one rank's part.
+
+    The aux's N-1 prompt tokens (prompt[:-tail]) are split into runahead chunks. Per aux layer,
+    rank r receives that layer's prefix K/V from rank r-1, runs its chunk, and sends the
+    concatenation on (exactly as `runahead` does over the base's layers). Each rank then
+    predicts the deep base layers' K/V for its own chunk (the predictor is per position) and
+    hands them on in ONE message for all predicted layers (prefix + own chunk). The last rank
+    ends with the aux cache, the base cache (a truncated aux's exact layers copied from the aux
+    cache, the rest predicted) and runs the base step on the last `tail` tokens: the same cache
+    and logits as single-process `kvp`.
+
+    Args:
+        kvp: an edgeprefill.prefill.KVPrediction (model, aux, predictor, tail).
+        group, partition, handoff: as RunaheadPrefill (the partition splits the aux's tokens).
+    """
+
+    name = "runahead-kvp"
+
+    def __init__(self, kvp, group=None, partition=None, handoff="sendrecv"):
+        super().__init__(kvp.model, group, partition, handoff)
+        self.kvp = kvp
+
+    def prefill(self, prompt_ids, cache=None, progress=None):
+        """Runs on every rank; the last useful rank returns (cache with .aux, logits, stats),
+        the others (None, None, stats)."""
+        kvp, m, g = self.kvp, self.model, self.group
+        if cache is not None:
+            raise ValueError(f"{self.name} prefills a fresh conversation (no earlier cache)")
+        start = time.perf_counter()
+        ids = as_token_array(prompt_ids)
+        n = ids.shape[0]
+        tail = min(kvp.tail, n)
+        n_aux = n - tail
+        sizes = self.sizes(n_aux) if n_aux else [0]
+        p, r = len(sizes), g.rank()
+        if self.handoff == "allsum" and g.size() != 2:
+            raise ValueError("the all-sum hand-off (NCCL on CUDA, where MLX has no Send/Recv) "
+                             "runs 2 workers: use 2, or the ring backend for more")
+        stats = PrefillStats(self.name, n, n, 0.0, {"sizes": sizes, "rank": r, "bytes_sent": 0,
+                                                    "aux": kvp.aux.kind, "tail": tail})
+        if r >= p:  # more workers than useful
+            stats.ttft_s = time.perf_counter() - start
+            return None, None, stats
+        s0 = sum(sizes[:r])
+        aux_cache = kvp.aux.make_cache()
+        base_cache = PromptCache(m.make_cache())
+        base_cache.aux = aux_cache
+        if sizes[r]:
+            out = kvp.aux.forward(
+                ids[s0:s0 + sizes[r]][None], aux_cache, kvp.predictor.hidden_layers(),
+                before_layer=lambda a: self.take_prefix(aux_cache[a], s0, r, kvp.aux.model),
+                after_layer=lambda a, o: self.pass_on(aux_cache[a], o.h, r, p, stats))
+            self._hand_on_predictions(out, s0, r, p, base_cache, aux_cache, stats)
+        if r < p - 1:
+            stats.ttft_s = time.perf_counter() - start
+            return None, None, stats
+        logits = kvp.base_step(ids[n_aux:], base_cache)
+        base_cache.tokens.extend(ids.tolist())
+        stats.ttft_s = time.perf_counter() - start
+        return base_cache, logits, stats
+
+    def _hand_on_predictions(self, out, s0, r, p, base_cache, aux_cache, stats):
+        """The predicted base layers' K/V for positions 0..s0+chunk-1 as one (Lp, 2, Hkv, S, hd)
+        message: the prefix from rank r-1, this rank's chunk appended, sent on to rank r+1; the
+        last rank fills the base cache (exact layers from its aux cache)."""
+        m, plan = self.model, self.kvp.predictor
+        kv = None
+        if plan.predicted:
+            kv = mx.stack(self.kvp.predicted_stacked(out, s0), axis=1)  # (Lp, 2, Hkv, c, hd)
+            if r > 0:
+                shape = (len(plan.predicted), 2, m.n_kv_heads, s0, m.head_dim)
+                kv = mx.concatenate([self._recv(shape, m.dtype, r - 1), kv], axis=3)
+        if r < p - 1:
+            if kv is not None:
+                mx.eval(self._send(kv, r + 1))
+                stats.extra["bytes_sent"] += kv.nbytes
+            return
+        for s, i in enumerate(plan.predicted):
+            base_cache[i].update_and_fetch(kv[s, 0:1], kv[s, 1:2])
+        for i in plan.exact:  # the aux layer's own (full) cache
+            base_cache[i].update_and_fetch(*aux_cache[plan.layer_map[i]].keys_and_values())
+        mx.eval([c.keys_and_values() for c in base_cache])
 
 
 class StreamRunahead:
