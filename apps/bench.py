@@ -206,7 +206,7 @@ class MlxRunner(Runner):
 class MirrorRunner(Runner):
     """Runs strategies on the torch mirror (CPU or CUDA)."""
 
-    def __init__(self, lm, chunk_size, device, kvp_artifact=None):
+    def __init__(self, lm, chunk_size, device, kvp_artifact=None, random_pair=None):
         import torch
 
         from edgeprefill.mirror.loading import mirror_from_mlx
@@ -220,6 +220,7 @@ class MirrorRunner(Runner):
         self.kvp_artifact = kvp_artifact
         self.lm = lm
         self.pair = None
+        self.random_pair = random_pair  # MLX (aux, predictor) of random weights (--shape)
 
     def available(self):
         from edgeprefill.prefill import SCHEDULES
@@ -235,21 +236,22 @@ class MirrorRunner(Runner):
         if name != "kvp":
             return STRATEGIES[name](self.model, **opts)
         if self.pair is None:
-            self.pair = mirror_kvp_pair(self.lm.model, self.model, self.kvp_artifact)
+            self.pair = (mirror_pair(*self.random_pair, self.model) if self.random_pair else
+                         mirror_kvp_pair(self.lm.model, self.model, self.kvp_artifact))
         aux, pred, tail = self.pair
         return STRATEGIES["kvp"](self.model, aux, pred, tail=tail, **opts)
 
     def flops_options(self, name):
+        from edgeprefill.flops import flops_options
+
         if name.startswith("lazy"):
             return {"schedule": self._strategy(name)}
-        if name != "kvp":
-            return {}
-        aux, pred, _ = self.pair
-        return {"aux_layers": aux.n_layers, "predictor_in": pred.in_dim,
-                "predicted_layers": len(pred.predicted), "tail": self.pair[2]}
+        return flops_options(self._strategy(name)) if name == "kvp" else {}
 
     def artifacts(self, strategies):
-        return {"kvp": str(self.kvp_artifact)} if "kvp" in strategies else {}
+        if self.random_pair or "kvp" not in strategies:
+            return {}
+        return {"kvp": str(self.kvp_artifact)}
 
     def _cache(self, strategy, n):
         s = self._strategy(strategy)
@@ -286,29 +288,6 @@ class MirrorRunner(Runner):
 
         return int(torch.cuda.max_memory_allocated()) if self.device == "cuda" else None
 
-    def _parallel(self, strategy, ids, continuation=None, trials=1):
-        """`trials` prefills on one launch of local workers: the last rank's result
-        (apps.runahead; ttft_all_s holds every trial's TTFT)."""
-        from apps.runahead import run_prefill
-
-        artifact = None
-        if strategy == "runahead-kvp":
-            artifact = RANDOM_PAIR if self.random_pair else self.kvp_artifact
-        return run_prefill(self.lm, ids, strategy, self.workers, artifact=artifact,
-                           continuation=continuation, trials=trials)
-
-    def run_many(self, strategy, ids, count, progress=None):
-        """Parallel strategies run every trial on ONE launch of the workers, so warm-ups warm
-        the processes that are timed (a fresh process pays one-off costs -- NCCL set-up, GPU
-        kernel loading -- that a long-running app pays once)."""
-        if strategy not in PARALLEL_STRATEGIES:
-            return super().run_many(strategy, ids, count, progress)
-        times = self._parallel(strategy, ids, trials=count)["ttft_all_s"]
-        for _ in range(count):
-            if progress:
-                progress()
-        return times
-
     def run(self, strategy, ids):
         s, cache = self._cache(strategy, len(ids) + 1)
         _, logits, stats = s.prefill(ids, cache=cache)
@@ -318,8 +297,6 @@ class MirrorRunner(Runner):
 def mirror_kvp_pair(base, tbase, artifact):
     """(mirror aux, mirror predictor, tail) for an artifact made on the MLX side."""
     from edgeprefill.kvp.artifact import load_artifact
-    from edgeprefill.mirror.kvp.aux import AuxModel
-    from edgeprefill.mirror.kvp.predictor import predictor_to_torch
 
     if artifact is None:
         raise EdgeprefillError("kvp on the mirror backend needs an artifact: pass --kvp FOLDER")
@@ -327,8 +304,19 @@ def mirror_kvp_pair(base, tbase, artifact):
     if hasattr(aux.model, "copied"):
         raise EdgeprefillError("the mirror benchmark runs auxes made of the base's own blocks; "
                                "this artifact has trained aux weights: bench it on --backend mlx")
-    return (AuxModel(tbase, aux.layers, aux.kind),
-            predictor_to_torch(pred, tbase.device, tbase.dtype), card.get("tail", 1))
+    return mirror_pair(aux, pred, tbase, card.get("tail", 1))
+
+
+def mirror_pair(aux, pred, tbase, tail=1):
+    """(mirror aux, mirror predictor, tail) of an MLX pair: an aux of the base's own blocks
+    runs the mirror base's; a KVP-C aux model is mirrored itself."""
+    from edgeprefill.mirror.kvp.aux import AuxModel
+    from edgeprefill.mirror.kvp.predictor import predictor_to_torch
+    from edgeprefill.mirror.loading import mirror_from_mlx
+
+    model = tbase if aux.kind != "C" else mirror_from_mlx(aux.model, tbase.dtype, tbase.device)
+    return (AuxModel(model, aux.layers, aux.kind),
+            predictor_to_torch(pred, tbase.device, tbase.dtype), tail)
 
 
 def bench_prompt_sets(lm, n, count, continuation, random_tokens, seed=0):
@@ -443,7 +431,7 @@ def run(args):
         kvp = strategy_options(args, lm, "kvp")["artifact"]
     runner = (MlxRunner(lm, args.chunk_size, kvp, random_pair, args.workers)
               if args.backend == "mlx"
-              else MirrorRunner(lm, args.chunk_size, args.device, kvp))
+              else MirrorRunner(lm, args.chunk_size, args.device, kvp, random_pair))
     unknown = [s for s in strategies if s not in runner.available()]
     if unknown:
         raise EdgeprefillError(f"strategy {unknown[0]} is not available on the {args.backend} "

@@ -75,8 +75,10 @@ def test_bench_kvp_rows_plot_and_speed_only_modes(tiny_models, cli_env, tmp_path
         assert abs(ra[key] - recs["kvp"][key]) < 1e-4, key
     assert png.read_bytes()[:4] == b"\x89PNG"
     # speed only: random tokens, and a random-weight shape; quality is omitted, not faked
-    for extra in (["--model", model, "--random-tokens"], ["--shape", "tiny", "--strategies",
-                                                          "full,kvp,runahead-kvp"]):
+    for extra in (["--model", model, "--random-tokens"],
+                  ["--shape", "tiny", "--strategies", "full,kvp,runahead-kvp"],
+                  ["--backend", "mirror", "--shape", "tiny", "--aux-shape", "tiny",
+                   "--strategies", "full,kvp"]):
         r = subprocess.run([sys.executable, "-m", "apps.cli", "bench", *extra,
                             "--prompt-tokens", "16", "--trials", "1", "--json", str(out)],
                            env=cli_env, capture_output=True, text=True, timeout=300)

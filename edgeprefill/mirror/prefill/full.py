@@ -13,6 +13,12 @@ def as_token_tensor(prompt_ids, device):
                            dtype=torch.long, device=device).reshape(-1)
 
 
+def default_chunk_size(model):
+    """The MLX rule (edgeprefill.prefill.base.default_chunk_size) for the mirror's device:
+    512 tokens per call on a CPU, 8192 on a GPU."""
+    return 8192 if torch.device(model.device).type == "cuda" else 512
+
+
 def synchronize(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -28,9 +34,9 @@ class FullPrefill:
 
     name = "full"
 
-    def __init__(self, model, chunk_size=512):
+    def __init__(self, model, chunk_size=None):
         self.model = model
-        self.chunk_size = chunk_size
+        self.chunk_size = chunk_size or default_chunk_size(model)
 
     @torch.no_grad()
     def prefill(self, prompt_ids, cache=None, progress=None):

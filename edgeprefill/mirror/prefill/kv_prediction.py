@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from edgeprefill.mirror.prefill.full import as_token_tensor, synchronize
+from edgeprefill.mirror.prefill.full import as_token_tensor, default_chunk_size, synchronize
 from edgeprefill.prefill.base import PrefillStats
 
 
@@ -15,9 +15,9 @@ class KVPrediction:
 
     name = "kvp"
 
-    def __init__(self, model, aux, predictor, chunk_size=512, tail=1):
+    def __init__(self, model, aux, predictor, chunk_size=None, tail=1):
         self.model, self.aux, self.predictor = model, aux, predictor
-        self.chunk_size, self.tail = chunk_size, tail
+        self.chunk_size, self.tail = chunk_size or default_chunk_size(model), tail
 
     def make_cache(self, max_len=None):
         from edgeprefill.prefill.base import PromptCache

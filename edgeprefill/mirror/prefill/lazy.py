@@ -27,7 +27,7 @@ class LazyPrefill(_lazy.LazyPrefill):
 
     ops = TorchOps
 
-    def __init__(self, model, schedule="default", chunk_size=512):
+    def __init__(self, model, schedule="default", chunk_size=None):
         super().__init__(model, schedule, chunk_size)
 
     @torch.no_grad()
