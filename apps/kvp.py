@@ -1,5 +1,6 @@
 """`edgeprefill kvp fit|sweep`: KV Prediction artifacts for a model, and the Pareto sweep."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -175,6 +176,20 @@ def bundled_dir():
     return Path(edgeprefill.__file__).resolve().parent / "assets"
 
 
+def stale_bundled_copy(path, shipped):
+    """True when `path` holds an earlier release's bundled pair (trained, not a ridge fit
+    made here) whose predictor differs from the one shipped now: it is then replaced."""
+    import filecmp
+
+    try:
+        card = json.loads((Path(path) / "card.json").read_text())
+    except (OSError, ValueError):
+        return False
+    weights = "predictor.safetensors"
+    return (card.get("fit", {}).get("method") != "ridge" and (shipped / weights).is_file()
+            and not filecmp.cmp(Path(path) / weights, shipped / weights, shallow=False))
+
+
 def ensure_default_artifact(lm, path):
     """The default pair on first use (the bundled model only): the trained pair shipped with
     edgeprefill when it matches the model, else a ridge fit; other models are left alone."""
@@ -185,10 +200,10 @@ def ensure_default_artifact(lm, path):
     from edgeprefill.fsio import atomic_folder
     from edgeprefill.kvp.artifact import load_artifact
 
-    if Path(path).exists() or lm.spec != "default":
+    shipped = bundled_dir() / Path(path).name
+    if lm.spec != "default" or Path(path).exists() and not stale_bundled_copy(path, shipped):
         return path
     console = Console(stderr=True)
-    shipped = bundled_dir() / Path(path).name
     if shipped.is_dir():
         try:
             _, _, card = load_artifact(shipped, lm.model)

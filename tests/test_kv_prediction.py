@@ -265,10 +265,31 @@ def test_bundled_default_pair_is_complete():
     card = json.loads((folder / "card.json").read_text())
     w = mx.load(str(folder / "predictor.safetensors"))
     predicted = [i for i in range(len(card["layer_map"])) if i not in card["exact_layers"]]
-    assert card["aux"]["kind"] == "T-0.50" and card["predictor_input"] == "hidden"
+    assert card["aux"]["kind"] == "T-0.50" and card["predictor_input"] == "hidden2"
     assert len(predicted) == 15 and len(w) == 4 * len(predicted)
-    assert w["k_proj.0.weight"].shape == (192, 576) and w["v_proj.14.bias"].shape == (192,)
-    assert card["quality"]["pairs"] == 40 and card["quality"]["first_token_agreement"] >= 0.8
+    assert w["k_proj.0.weight"].shape == (192, 2 * 576) and w["v_proj.14.bias"].shape == (192,)
+    assert card["quality"]["pairs"] == 40 and card["quality"]["nll_ratio"] <= 1.10
+
+
+def test_an_earlier_bundled_pair_is_replaced_but_a_local_fit_is_kept(tmp_path):
+    import json
+    import shutil
+
+    from apps.kvp import bundled_dir, stale_bundled_copy
+
+    shipped = bundled_dir() / "SmolLM2-135M-Instruct-T-0.50"
+    old = tmp_path / "installed"
+    shutil.copytree(shipped, old)
+    assert not stale_bundled_copy(old, shipped)  # the current release's copy
+    (old / "predictor.safetensors").chmod(0o644)
+    (old / "predictor.safetensors").write_bytes(b"an earlier release")
+    assert stale_bundled_copy(old, shipped)
+    card = json.loads((old / "card.json").read_text())
+    card["fit"]["method"] = "ridge"  # fitted on this machine: the user's own, kept
+    (old / "card.json").chmod(0o644)
+    (old / "card.json").write_text(json.dumps(card))
+    assert not stale_bundled_copy(old, shipped)
+    assert not stale_bundled_copy(tmp_path / "missing", shipped)
 
 
 @pytest.mark.parametrize("family,spec,source", [("qwen3", "LP-0.50", "kv"),
