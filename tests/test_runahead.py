@@ -16,21 +16,13 @@ def lm(tiny_models):
     return load(str(tiny_models["qwen3"]))
 
 
-@pytest.mark.parametrize("strategy,workers,n,sizes", [
-    ("runahead", 2, 23, None),          # balanced, n not divisible by p
-    ("runahead", 3, 23, [12, 7, 4]),    # uneven, earlier chunks larger
-    ("runahead", 3, 2, None),           # more workers than useful
-    ("tsp", 3, 10, None),               # even split, padded all-gather
-])
-def test_parallel_prefill_equals_full(lm, strategy, workers, n, sizes):
+def test_runahead_on_two_workers_equals_full(lm):
     from apps.runahead import run_prefill
 
-    ids = list(range(5, 5 + n))
-    r = run_prefill(lm, ids, strategy, workers, timeout=120, sizes=sizes, check=True)
+    ids = list(range(5, 28))  # balanced split, n not divisible by p
+    r = run_prefill(lm, ids, "runahead", 2, timeout=120, check=True)
     assert r["max_logit_diff"] < 1e-4 and r["max_cache_diff"] < 1e-4
-    assert r["cache_offset"] == n and sum(r["sizes"]) == n
-    if sizes:
-        assert r["sizes"] == sizes
+    assert r["cache_offset"] == len(ids) and sum(r["sizes"]) == len(ids)
 
 
 def test_partitions_and_bytes_moved(lm):
@@ -58,39 +50,43 @@ def test_dead_worker_gives_a_clear_error_without_hanging(lm, tmp_path):
 
 
 def test_generate_cli_with_runahead_workers(tiny_models, cli_env):
-    model = str(tiny_models["llama"])
-    outs = {}
-    for strategy in ("full", "runahead"):
-        r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", model,
-                            "--prompt", "the quick brown fox jumps over the lazy dog",
-                            "--strategy", strategy, "--workers", "2", "--max-tokens", "5",
-                            "--json"], env=cli_env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        outs[strategy] = json.loads(r.stdout)
-    assert outs["runahead"]["text"] == outs["full"]["text"]
-    assert outs["runahead"]["stats"]["workers"] == 2
+    from edgeprefill.generate import build_prompt, generate
+    from edgeprefill.prefill import FullPrefill
+
+    lm = load(str(tiny_models["llama"]))
+    prompt = "the quick brown fox jumps over the lazy dog"
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", lm.spec,
+                        "--prompt", prompt, "--strategy", "runahead", "--workers", "2",
+                        "--max-tokens", "5", "--json"], env=cli_env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    full = generate(lm.model, lm.tokenizer, build_prompt(lm.tokenizer, prompt),
+                    FullPrefill(lm.model), max_tokens=5, temp=0.0)
+    assert out["text"] == full.text and out["stats"]["workers"] == 2
 
 
 def test_generate_cli_with_runahead_kvp_equals_kvp(tiny_models, cli_env, tmp_path):
+    from apps.runahead import run_prefill
+    from edgeprefill.errors import EdgeprefillError
+    from edgeprefill.generate import build_prompt, generate
+    from edgeprefill.prefill import make_strategy
+
     lm = load(str(tiny_models["llama"]))
     art = _random_pair_artifact(lm, "T-0.50", "hidden", tmp_path / "art")
-    outs = {}
-    for strategy in ("kvp", "runahead-kvp"):
-        r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", lm.spec,
-                            "--prompt", "the quick brown fox jumps over the lazy dog",
-                            "--strategy", strategy, "--kvp", str(art), "--workers", "2",
-                            "--max-tokens", "5", "--json"], env=cli_env, capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == 0, r.stderr
-        outs[strategy] = json.loads(r.stdout)
-    assert outs["runahead-kvp"]["text"] == outs["kvp"]["text"]
-    assert outs["runahead-kvp"]["stats"]["bytes_moved"] > 0
+    prompt = "the quick brown fox jumps over the lazy dog"
     r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", lm.spec,
-                        "--prompt", "hi", "--strategy", "runahead-kvp", "--kvp",
-                        str(tmp_path / "missing")], env=cli_env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 1 and "no KV Prediction artifact" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+                        "--prompt", prompt, "--strategy", "runahead-kvp", "--kvp", str(art),
+                        "--workers", "2", "--max-tokens", "5", "--json"], env=cli_env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    ids = build_prompt(lm.tokenizer, prompt)
+    kvp = generate(lm.model, lm.tokenizer, ids, make_strategy("kvp", lm.model, artifact=art),
+                   max_tokens=5, temp=0.0)
+    assert out["text"] == kvp.text and out["stats"]["bytes_moved"] > 0
+    with pytest.raises(EdgeprefillError, match="no KV Prediction artifact"):
+        run_prefill(lm, ids, "runahead-kvp", 2, artifact=tmp_path / "missing")
 
 
 def test_partition_table_interpolates_and_falls_back(lm, tmp_path, capsys):
@@ -171,12 +167,15 @@ def _random_pair_artifact(lm, spec, source, folder):
     return save_artifact(folder, pred, aux, lm.model, lm.model_id, {"method": "random"})
 
 
-def test_runahead_kvp_equals_single_process_kvp(lm, tmp_path):
-    """runahead as the aux prefill of kvp: the cache (base and aux) and logits equal
-    single-process kvp for a truncated aux with a hidden-state predictor and a layer-pruned aux
-    with the paper's K/V predictor, on uneven and balanced partitions, with more workers than
-    the aux has tokens, and for a one-token prompt (the base step only)."""
+def test_three_workers_equal_one_process_for_runahead_tsp_and_runahead_kvp(lm, tmp_path):
+    """One launch of 3 ring workers runs every case. runahead and tsp: cache and logits equal
+    `full` (uneven partition, more workers than tokens, tsp's padded even split). runahead as the
+    aux prefill of kvp: the cache (base and aux) and logits equal single-process kvp for a
+    truncated aux with a hidden-state predictor and a layer-pruned aux with the paper's K/V
+    predictor, on uneven and default partitions, with more workers than the aux has tokens,
+    and for a one-token prompt (the base step only)."""
     from apps.runahead import run_jobs
+    from edgeprefill.evaluate import continuation_logits, mean_nll
     from edgeprefill.prefill import make_strategy
     from edgeprefill.prefill.runahead import kvp_runahead_bytes, runahead_bytes
 
@@ -184,7 +183,10 @@ def test_runahead_kvp_equals_single_process_kvp(lm, tmp_path):
     lp50 = _random_pair_artifact(lm, "LP-0.50", "kv", tmp_path / "lp50")
     ids = list(range(5, 28))
     cont = list(range(40, 46))
-    jobs = [{"strategy": "runahead-kvp", "ids": ids, "artifact": str(t50), "check": True,
+    jobs = [{"strategy": "runahead", "ids": ids, "sizes": [12, 7, 4], "check": True},
+            {"strategy": "runahead", "ids": ids[:2], "check": True},
+            {"strategy": "tsp", "ids": ids[:10], "check": True},
+            {"strategy": "runahead-kvp", "ids": ids, "artifact": str(t50), "check": True,
              "sizes": [12, 7, 3], "continuation": cont},
             {"strategy": "runahead-kvp", "ids": ids, "artifact": str(lp50), "check": True},
             {"strategy": "runahead-kvp", "ids": ids[:3], "artifact": str(t50), "check": True},
@@ -193,16 +195,15 @@ def test_runahead_kvp_equals_single_process_kvp(lm, tmp_path):
     for job, r in zip(jobs, rep["results"]):
         assert r["max_logit_diff"] < 1e-4 and r["max_cache_diff"] < 1e-4, (job, r)
         assert r["cache_offset"] == len(job["ids"])
-        assert sum(r["sizes"]) == len(job["ids"]) - 1  # the aux runs over prompt[:-1]
-    first = rep["results"][0]
-    assert first["sizes"] == [12, 7, 3]
-    assert rep["results"][2]["sizes"] == [1, 1] and rep["results"][3]["sizes"] == [0]
+        aux_tokens = len(job["ids"]) - (job["strategy"] == "runahead-kvp")  # prompt[:-1]
+        assert sum(r["sizes"]) == aux_tokens
+    res = rep["results"]
+    assert res[0]["sizes"] == [12, 7, 4] and res[1]["sizes"] == [1, 1]
+    assert res[3]["sizes"] == [12, 7, 3] and res[5]["sizes"] == [1, 1] and res[6]["sizes"] == [0]
     kvp = make_strategy("kvp", lm.model, artifact=t50)
     cache, logits, _ = kvp.prefill(ids)
-    from edgeprefill.evaluate import continuation_logits, mean_nll
-
-    assert abs(first["nll"] - mean_nll(continuation_logits(lm.model, cache, logits, cont),
-                                       cont)) < 1e-4
+    assert abs(res[3]["nll"] - mean_nll(continuation_logits(lm.model, cache, logits, cont),
+                                        cont)) < 1e-4
     # a truncated aux of the base hands on as many K/V bytes as runahead over the base
     assert kvp_runahead_bytes(kvp, [12, 7, 3]) == runahead_bytes(lm.model, [12, 7, 3])
-    assert first["bytes"] == runahead_bytes(lm.model, [12, 7, 3])
+    assert res[3]["bytes"] == runahead_bytes(lm.model, [12, 7, 3])
