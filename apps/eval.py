@@ -32,6 +32,7 @@ def run(args):
     from apps.bench import parse_list
     from apps.generate import strategy_options
     from apps.kvp import builtin_refs, evaluate_refs
+    from edgeprefill.data import BUILTIN_PAIRS
     from edgeprefill.flops import flops_options, strategy_flops
     from edgeprefill.loading import load
     from edgeprefill.prefill import make_strategy
@@ -52,7 +53,7 @@ def run(args):
         aux = getattr(strategy, "aux", None)
         results.append({"strategy": name, "aux": aux.kind if aux else None,
                         "ttft_flops": fl, "flops_ratio": fl / full if fl else None, **q})
-    payload = {"model": lm.model_id, "data": args.data or "built-in held-out pairs",
+    payload = {"model": lm.model_id, "data": args.data or BUILTIN_PAIRS,
                "prompt_tokens_mean": n_prompt, "results": results}
     if args.json:
         print(json.dumps(payload, indent=2))

@@ -70,7 +70,6 @@ def run_export(args):
 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
     from converters.coreml import export as ex
     from edgeprefill.fsio import atomic_write_text

@@ -96,7 +96,7 @@ def fit_artifact(lm, aux_spec, out, source="auto", tokens=30000, chunk=256, lam=
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edgeprefill.data import FIT_DATA, fit_chunks
+    from edgeprefill.data import BUILTIN_PAIRS, FIT_DATA, fit_chunks
     from edgeprefill.kvp.artifact import save_artifact
     from edgeprefill.kvp.fit import fit_ridge
 
@@ -118,7 +118,7 @@ def fit_artifact(lm, aux_spec, out, source="auto", tokens=30000, chunk=256, lam=
     if eval_refs:
         quality = evaluate_refs(lm, make_kvp_strategy(base, aux, pred), eval_refs, console,
                                 f"evaluating {aux.kind}")
-        quality["data"] = "built-in held-out pairs"
+        quality["data"] = BUILTIN_PAIRS
     fit_info = {"method": "ridge", "lam": lam, "tokens": used, "chunk": chunk, "steps": 0,
                 "data": FIT_DATA}
     save_artifact(out, pred, aux, base, lm.model_id, fit_info, quality)
@@ -259,6 +259,7 @@ def run_sweep(args):
     from rich.table import Table
 
     from apps.bench import parse_list, write_json
+    from edgeprefill.data import BUILTIN_PAIRS
     from edgeprefill.flops import flops_options, strategy_flops
     from edgeprefill.kvp.artifact import load_artifact
     from edgeprefill.loading import load
@@ -304,7 +305,7 @@ def run_sweep(args):
                       f"{r['greedy_match']:.1f}")
     Console(width=max(Console().width, 110)).print(table)
     header = {"model": lm.model_id, "pairs": len(refs), "prompt_tokens_mean": n_prompt,
-              "data": args.data or "built-in held-out pairs"}
+              "data": args.data or BUILTIN_PAIRS}
     write_json(args.json_out, {"header": header, "records": records})
     print(f"wrote {args.json_out}", file=sys.stderr)
     if args.plot:

@@ -66,7 +66,7 @@ def run_train(args):
 
     from apps.kvp import (build_predictor, builtin_refs, default_artifact_path, evaluate_refs,
                           make_kvp_strategy, resolve_source)
-    from edgeprefill.data import FIT_DATA, WIDE_FIT_DATA, fit_chunks
+    from edgeprefill.data import BUILTIN_PAIRS, FIT_DATA, WIDE_FIT_DATA, fit_chunks
     from edgeprefill.kvp.artifact import load_artifact, save_artifact
     from edgeprefill.kvp.aux import parse_aux_kind
     from edgeprefill.kvp.fit import fit_ridge
@@ -155,7 +155,7 @@ def run_train(args):
         strategy = make_kvp_strategy(base, q_aux, pred)
         strategy.tail = args.tail
         quality = evaluate_refs(lm, strategy, refs, console, "evaluating")
-        quality["data"] = "built-in held-out pairs"
+        quality["data"] = BUILTIN_PAIRS
     fit_info = {"method": "ridge+gradient" if not args.init else "gradient",
                 "backend": args.backend if args.backend == "mlx" else f"mirror-{args.device}",
                 "steps": trainer.step, "batch": args.batch, "seq": args.seq, "lr": args.lr,

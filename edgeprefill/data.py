@@ -9,6 +9,7 @@ so evaluation and benchmark prompts are never text a predictor was fitted or tra
 """
 
 import json
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -24,11 +25,15 @@ FIT_MODULES = ("ast.py", "base64.py", "bisect.py", "codecs.py", "configparser.py
                "re/_parser.py", "shutil.py", "smtplib.py", "string.py", "tarfile.py",
                "threading.py", "typing.py", "uuid.py", "zipfile/__init__.py")
 
-FIT_DATA = ("code: python-stdlib " + ",".join(FIT_MODULES)
+# The text comes from the running Python's standard library, so it differs between Python
+# versions: cards and reports name the version.
+STDLIB = f"python-stdlib {sys.version_info.major}.{sys.version_info.minor}"
+BUILTIN_PAIRS = f"built-in held-out pairs ({STDLIB})"
+FIT_DATA = (f"code: {STDLIB} " + ",".join(FIT_MODULES)
             + "; prose: pydoc_data.topics (sorted topics, all but every 4th)")
 # The wide fitting set: every standard-library module but the held-out ones, their tests and
 # the packages that embed other copies of them (about 13 MB of source on Python 3.11).
-WIDE_FIT_DATA = ("code: python-stdlib all *.py except " + ",".join(BENCH_MODULES)
+WIDE_FIT_DATA = (f"code: {STDLIB} all *.py except " + ",".join(BENCH_MODULES)
                  + ", test/, tests/, idlelib/, lib2to3/, site-packages/; prose: "
                  "pydoc_data.topics (sorted topics, all but every 4th)")
 _WIDE_EXCLUDED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"}
@@ -47,7 +52,7 @@ def wide_fit_modules():
             continue
         out.append(str(rel))
     return sorted(out)
-HELDOUT_DATA = ("code: python-stdlib " + ",".join(BENCH_MODULES)
+HELDOUT_DATA = (f"code: {STDLIB} " + ",".join(BENCH_MODULES)
                 + "; prose: pydoc_data.topics (sorted topics, every 4th)")
 
 
