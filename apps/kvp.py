@@ -215,8 +215,9 @@ def ensure_default_artifact(lm, path):
                     shutil.copy2(f, tmp / f.name)
             q = card.get("quality") or {}
             console.print(f"[dim]kvp: installed the bundled default pair ({DEFAULT_AUX}, "
-                          f"trained; held-out first-token agreement "
-                          f"{q.get('first_token_agreement', float('nan')):.2f}) in {path}[/dim]")
+                          f"trained; held-out NLL ratio {q.get('nll_ratio', float('nan')):.2f}, "
+                          f"first-token agreement {q.get('first_token_agreement', float('nan')):.2f}"
+                          f" on the training machine's text) in {path}[/dim]")
             return path
     console.print(f"[dim]first use of kvp: fitting the default pair ({DEFAULT_AUX}, hidden-state "
                   f"predictor) into {path}, about two minutes, once[/dim]")
