@@ -1,8 +1,9 @@
 """`kvp train --backend mirror`: move a pair to the torch mirror, train there, bring it back."""
 
 
-def mirror_trainer(base, aux, pred, windows, train_aux, device, hp):
-    """(torch Trainer, torch aux) for an MLX base / aux / predictor."""
+def mirror_trainer(base, aux, pred, windows, train_aux, device, hp, copies=None):
+    """(torch Trainer, torch aux) for an MLX base / aux / predictor; `copies`: the aux blocks
+    to train (default all)."""
     import torch
 
     from edgeprefill.errors import EdgeprefillError
@@ -21,10 +22,10 @@ def mirror_trainer(base, aux, pred, windows, train_aux, device, hp):
     tbase = mirror_from_mlx(base, device=device)
     taux = AuxModel(tbase, aux.layers, aux.kind)
     if hasattr(aux.model, "copied"):  # an --init artifact with trained aux blocks
-        taux = trainable_aux(taux)
+        taux = trainable_aux(taux, aux.model.copied)
         _load_aux_copies(taux, aux)
     elif train_aux:
-        taux = trainable_aux(taux)
+        taux = trainable_aux(taux, copies)
     tpred = predictor_to_torch(pred, device=device)
     return Trainer(tbase, taux, tpred, windows, device=device, **hp), taux
 
@@ -55,6 +56,6 @@ def export_trained(trainer, base, aux, pred, train_aux):
         return pred, None, aux
     weights = {k: mx.array(v.detach().float().cpu().numpy())
                for k, v in view.aux_weights().items()}
-    mlx_aux = aux if hasattr(aux.model, "copied") else trainable_aux(aux)
+    mlx_aux = aux if hasattr(aux.model, "copied") else trainable_aux(aux, view.copied)
     mlx_aux.model.load_aux_weights(weights)
     return pred, weights, mlx_aux

@@ -22,6 +22,12 @@ def add_train_parser(ksub):
     t.add_argument("--train-aux", default="auto", choices=["auto", "yes", "no"],
                    help="train copies of the aux's blocks too (auto: yes for LP, no for T, "
                    "whose aux is the base's own exact layers)")
+    t.add_argument("--train-aux-layers", type=int, default=0, metavar="K",
+                   help="train copies of only the aux's last K blocks (implies --train-aux "
+                   "yes; 0: all of them)")
+    t.add_argument("--aux-weight", type=float, default=1.0,
+                   help="weight of the aux's own loss term (the paper: 1; 0 for an aux that "
+                   "only feeds the predictor, like a truncated one)")
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--seq", type=int, default=256, help="tokens per training sequence")
@@ -58,6 +64,10 @@ def _check(args):
         raise EdgeprefillError("--steps and --batch must be >= 1, --seq >= 8, --lr > 0")
     if args.tokens < args.seq + 1:
         raise EdgeprefillError("--tokens must be larger than --seq")
+    if args.train_aux_layers < 0 or args.aux_weight < 0:
+        raise EdgeprefillError("--train-aux-layers and --aux-weight must be >= 0")
+    if args.train_aux_layers and args.train_aux == "no":
+        raise EdgeprefillError("--train-aux-layers trains aux blocks: drop --train-aux no")
 
 
 def run_train(args):
@@ -75,7 +85,8 @@ def run_train(args):
     _check(args)
     kind, _ = parse_aux_kind(args.aux)
     source = resolve_source(args.aux, args.input)
-    train_aux = args.train_aux == "yes" or (args.train_aux == "auto" and kind != "T")
+    train_aux = (args.train_aux == "yes" or args.train_aux_layers > 0
+                 or (args.train_aux == "auto" and kind != "T"))
     lm = load(args.model, dtype=args.dtype)
     base = lm.model
     console = Console(stderr=True)
@@ -86,6 +97,9 @@ def run_train(args):
         raise EdgeprefillError(f"--resume but no checkpoint at {ckpt}: run without --resume")
 
     aux, pred = build_predictor(base, args.aux, source)
+    if args.train_aux_layers > len(aux.layers):
+        raise EdgeprefillError(f"--train-aux-layers {args.train_aux_layers}: the aux has only "
+                               f"{len(aux.layers)} blocks")
     if args.init:
         init_aux, pred, card = load_artifact(args.init, base)
         if init_aux.kind != aux.kind or pred.source != source:
@@ -105,16 +119,19 @@ def run_train(args):
 
     log_path = Path(str(out) + ".train.jsonl")
     hp = dict(batch=args.batch, steps=args.steps, lr=args.lr, warmup=args.warmup,
-              seed=args.seed, objective=args.objective)
+              seed=args.seed, objective=args.objective, aux_weight=args.aux_weight)
+    copies = aux.layers[-args.train_aux_layers:] if args.train_aux_layers else None
     if args.backend == "mlx":
         from edgeprefill.kvp.train import Trainer, trainable_aux
 
-        t_aux = trainable_aux(aux) if train_aux and not hasattr(aux.model, "copied") else aux
+        t_aux = (trainable_aux(aux, copies) if train_aux and not hasattr(aux.model, "copied")
+                 else aux)
         trainer = Trainer(base, t_aux, pred, windows, **hp)
     else:
         from apps.kvp_mirror import mirror_trainer
 
-        trainer, t_aux = mirror_trainer(base, aux, pred, windows, train_aux, args.device, hp)
+        trainer, t_aux = mirror_trainer(base, aux, pred, windows, train_aux, args.device, hp,
+                                        copies)
     if args.resume:
         trainer.load_checkpoint(ckpt)
         console.print(f"resumed from {ckpt} at step {trainer.step}")
@@ -161,6 +178,7 @@ def run_train(args):
                 "steps": trainer.step, "batch": args.batch, "seq": args.seq, "lr": args.lr,
                 "tokens_seen": trainer.step * args.batch * args.seq,
                 "objective": args.objective, "train_aux": train_aux,
+                "aux_weight": args.aux_weight,
                 "data": WIDE_FIT_DATA if args.data == "wide" else FIT_DATA,
                 "log": log_path.name}
     save_artifact(out, pred, aux, base, lm.model_id, fit_info, quality, tail=args.tail,

@@ -166,3 +166,39 @@ def test_wide_fitting_set_never_contains_held_out_text():
 
     root = Path(sysconfig.get_paths()["stdlib"])
     assert {m for m in FIT_MODULES if (root / m).is_file()} <= set(wide)
+
+
+def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli_env, tmp_path):
+    """--train-aux-layers K copies and trains only the aux's last K blocks (the others stay the
+    base's own), --aux-weight 0 drops the aux's own loss term; the card names the trained
+    blocks and the artifact loads with exactly those copies."""
+    from edgeprefill.kvp.train import loss_terms
+    from edgeprefill.prefill import make_strategy
+
+    lm = load(str(tiny_models["llama"]))
+    art = tmp_path / "art"
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", "--model", lm.spec,
+                        "--aux", "T-0.50", "--train-aux-layers", "1", "--aux-weight", "0",
+                        "--steps", "3", "--batch", "2", "--seq", "16", "--tokens", "400",
+                        "--ridge-tokens", "300", "--backend", "mirror", "--eval-pairs", "0",
+                        "--out", str(art)], env=cli_env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    card = json.loads((art / "card.json").read_text())
+    assert card["aux"]["trained_layers"] == [1] and card["fit"]["aux_weight"] == 0
+    assert {k.split(".")[1] for k in mx.load(str(art / "aux.safetensors"))} == {"1"}
+    kvp = make_strategy("kvp", lm.model, artifact=art)
+    assert kvp.aux.model.copied == [1]
+    _, logits, _ = kvp.prefill(list(range(5, 20)))
+    assert np.isfinite(np.array(logits)).all()
+    ids = mx.array(np.random.default_rng(0).integers(3, lm.model.vocab_size, size=(1, 9)))
+    total, t_base, _, l1 = loss_terms(lm.model, kvp.aux, kvp.predictor, ids[:, :-1], ids[:, 1:],
+                                      "kl", aux_weight=0.0)
+    assert abs(total.item() - (t_base + l1).item()) < 1e-5
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", "--model", lm.spec,
+                        "--aux", "T-0.50", "--train-aux-layers", "5", "--steps", "1",
+                        "--tokens", "400", "--ridge-tokens", "300", "--seq", "16",
+                        "--eval-pairs", "0", "--out", str(tmp_path / "x")], env=cli_env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "has only 2 blocks" in r.stderr
+    assert not (tmp_path / "x").exists()

@@ -57,6 +57,8 @@ def save_artifact(path, predictor, aux, base, base_id, fit_info, quality=None, t
         "fit": fit_info,
         "quality": quality or {},
     }
+    if aux_weights:  # the blocks trained as copies; the aux's others are the base's own
+        card["aux"]["trained_layers"] = sorted({int(n.split(".")[1]) for n in aux_weights})
     if aux.model is not base and not hasattr(aux.model, "copied"):  # KVP-C: its own model
         card["aux"].update(weights="model", model=getattr(aux, "spec", None),
                            config_hash=config_hash(aux.model))
@@ -114,7 +116,7 @@ def load_artifact(path, base):
     elif card["aux"].get("weights", "base") != "base":
         from edgeprefill.kvp.train import trainable_aux
 
-        aux = trainable_aux(aux)
+        aux = trainable_aux(aux, card["aux"].get("trained_layers"))
         try:
             aux.model.load_aux_weights(mx.load(str(Path(path) / card["aux"]["weights"])))
         except Exception as e:

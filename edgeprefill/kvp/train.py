@@ -65,9 +65,10 @@ class AuxView:
             self.layers[k].load_weights(items, strict=True)
 
 
-def trainable_aux(aux):
-    """An AuxModel over trainable copies of `aux`'s blocks (for LP, T or C auxes)."""
-    view = AuxView(aux.model, aux.layers)
+def trainable_aux(aux, layers=None):
+    """An AuxModel over trainable copies of `aux`'s blocks (for LP, T or C auxes); `layers`:
+    only these block indices are copied (default: all the aux runs)."""
+    view = AuxView(aux.model, aux.layers if layers is None else layers)
     return AuxModel(view, aux.layers, aux.kind)
 
 
@@ -91,12 +92,14 @@ def _kl(p_logits, q_logits):
     return (mx.exp(lp) * (lp - lq)).sum(axis=-1).mean()
 
 
-def loss_terms(base, aux, predictor, x, y, objective="ce"):
+def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0):
     """(total, base term, aux term, mean per-layer L1) for (B, L) inputs x and targets y.
 
     objective 'ce' is the paper's (cross-entropy on the text's next tokens); 'kl' distils the
     exact base instead (KL(base || replaced-KV base), KL(base || aux)): on a small corpus CE
     lets the predictor fine-tune the base onto the fitting text, KL only rewards reproducing it.
+    aux_weight scales the aux's own term (the paper: 1; 0 when the aux is a feature extractor,
+    like a truncated aux, not a language model of its own).
     """
     h = base.embed(x)
     true = []
@@ -125,7 +128,7 @@ def loss_terms(base, aux, predictor, x, y, objective="ce"):
         t_base = nn.losses.cross_entropy(logits, y).mean()
         t_aux = nn.losses.cross_entropy(aux_logits, y).mean()
     l1 = l1 / base.n_layers
-    return t_base + t_aux + l1, t_base, t_aux, l1
+    return t_base + aux_weight * t_aux + l1, t_base, t_aux, l1
 
 
 def lr_schedule(lr, steps, warmup):
@@ -148,10 +151,10 @@ class Trainer:
     """
 
     def __init__(self, base, aux, predictor, windows, batch=8, steps=200, lr=3e-4, warmup=20,
-                 weight_decay=0.1, clip=1.0, seed=0, objective="ce"):
+                 weight_decay=0.1, clip=1.0, seed=0, objective="ce", aux_weight=1.0):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        self.objective = objective
+        self.objective, self.aux_weight = objective, aux_weight
         self.base, self.aux, self.predictor = base, aux, predictor
         self.data = np.array(windows, dtype=np.int32)
         self.batch, self.steps, self.clip, self.seed = batch, steps, clip, seed
@@ -162,7 +165,8 @@ class Trainer:
         self._grad = nn.value_and_grad(self.params, self._loss)
 
     def _loss(self, x, y):
-        return loss_terms(self.base, self.aux, self.predictor, x, y, self.objective)
+        return loss_terms(self.base, self.aux, self.predictor, x, y, self.objective,
+                          self.aux_weight)
 
     def batch_at(self, step):
         rng = np.random.default_rng((self.seed, step))

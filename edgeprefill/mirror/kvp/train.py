@@ -48,8 +48,9 @@ class AuxView(torch.nn.Module):
                 for n, p in self.copies[str(k)].state_dict().items()}
 
 
-def trainable_aux(aux):
-    return AuxModel(AuxView(aux.model, aux.layers), aux.layers, aux.kind)
+def trainable_aux(aux, layers=None):
+    return AuxModel(AuxView(aux.model, aux.layers if layers is None else layers), aux.layers,
+                    aux.kind)
 
 
 def _kl(p_logits, q_logits):
@@ -58,7 +59,7 @@ def _kl(p_logits, q_logits):
     return (lp.exp() * (lp - lq)).sum(-1).mean()
 
 
-def loss_terms(base, aux, predictor, x, y, objective="ce"):
+def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0):
     """(total, base term, aux term, mean per-layer L1), as the MLX loss_terms."""
     with torch.no_grad():
         h = base.embed(x)
@@ -88,7 +89,7 @@ def loss_terms(base, aux, predictor, x, y, objective="ce"):
         t_base = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
         t_aux = F.cross_entropy(aux_logits.reshape(-1, V), y.reshape(-1))
     l1 = l1 / base.n_layers
-    return t_base + t_aux + l1, t_base, t_aux, l1
+    return t_base + aux_weight * t_aux + l1, t_base, t_aux, l1
 
 
 def lr_at(step, lr, steps, warmup):
@@ -104,8 +105,9 @@ class Trainer:
     """Arguments as edgeprefill.kvp.train.Trainer; tensors live on `device`."""
 
     def __init__(self, base, aux, predictor, windows, batch=8, steps=200, lr=3e-4, warmup=20,
-                 weight_decay=0.1, clip=1.0, seed=0, device="cpu", objective="ce"):
-        self.objective = objective
+                 weight_decay=0.1, clip=1.0, seed=0, device="cpu", objective="ce",
+                 aux_weight=1.0):
+        self.objective, self.aux_weight = objective, aux_weight
         self.base, self.aux, self.predictor = base, aux, predictor
         for p in base.parameters():
             p.requires_grad_(False)
@@ -130,7 +132,7 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, self.lr, self.steps, self.warmup)
         total, t_base, t_aux, l1 = loss_terms(self.base, self.aux, self.predictor, x, y,
-                                              self.objective)
+                                              self.objective, self.aux_weight)
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
