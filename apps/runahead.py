@@ -271,12 +271,11 @@ def run_prefill(lm, ids, strategy, n_workers, timeout=300, sizes=None, check=Fal
     is the KV Prediction folder every worker loads)."""
     if strategy == "runahead-kvp" and not artifact:
         raise EdgeprefillError("runahead-kvp needs a KV Prediction artifact: pass --kvp FOLDER")
-    if strategy == "runahead-kvp" and artifact != RANDOM_PAIR:
-        kvp_for(lm, str(Path(artifact).resolve()))  # refuse a bad artifact before launching
+    if artifact and artifact != RANDOM_PAIR:
+        artifact = str(Path(artifact).resolve())
+        kvp_for(lm, artifact)  # refuse a bad artifact before launching
     job = {"strategy": strategy, "ids": list(ids), "sizes": sizes, "alpha": alpha,
-           "trials": trials, "check": check, "max_tokens": max_tokens,
-           "artifact": (str(Path(artifact).resolve())
-                        if artifact and artifact != RANDOM_PAIR else artifact),
+           "trials": trials, "check": check, "max_tokens": max_tokens, "artifact": artifact,
            "continuation": list(continuation) if continuation else None}
     return run_jobs(lm, [job], n_workers, timeout, hostfile, dtype, backend)["results"][0]
 

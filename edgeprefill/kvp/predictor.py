@@ -85,11 +85,14 @@ class PredictorPlan:
         v = self.v_proj[s](self._cast(xv, dt))
         return self._split(k, self.base_kv_heads), self._split(v, self.base_kv_heads)
 
-    def base_kv(self, aux_out, skip=0):
-        """Yield (i, keys, values) for every base layer from one aux forward's output,
-        dropping its first `skip` positions; exact layers are the aux's own K/V."""
+    def base_kv(self, aux_out, skip=0, layers=None):
+        """Yield (i, keys, values) for every base layer (or those in `layers`) from one aux
+        forward's output, dropping its first `skip` positions; exact layers are the aux's own
+        K/V."""
         feats = {}
         for i, j in enumerate(self.layer_map):
+            if layers is not None and i not in layers:
+                continue
             if i in self._slot:
                 if j not in feats:
                     feats[j] = self.features(aux_out, j, skip)

@@ -99,10 +99,9 @@ class KVPrediction:
         views of one buffer with `room` free slots, so no per-layer allocate-and-copy)."""
         base, plan = self.model, self.predictor
         offset = cache[0].offset
-        for i in plan.exact:
-            k, v = out.kv[plan.layer_map[i]]
-            k = base.rotate_keys(i, k[:, :, skip:].astype(base.dtype), offset=offset)
-            cache[i].update_and_fetch(k, v[:, :, skip:].astype(base.dtype))
+        for i, k, v in plan.base_kv(out, skip, layers=plan.exact):
+            k = base.rotate_keys(i, k.astype(base.dtype), offset=offset)
+            cache[i].update_and_fetch(k, v.astype(base.dtype))
         if not plan.predicted:
             return
         k, v = self.predicted_stacked(out, offset, skip)
@@ -136,13 +135,7 @@ class KVPrediction:
         room = tail_ids.shape[0]
 
         def after_aux_layer(j, out):
-            feats = None
-            for i in feeds.get(j, []):
-                if i in plan.exact:
-                    k, v = out.kv[j]
-                else:
-                    feats = feats or plan.features(out, j)
-                    k, v = plan.predict(i, *feats)
+            for i, k, v in plan.base_kv(out, layers=feeds.get(j, ())):
                 k = base.rotate_keys(i, k.astype(base.dtype))
                 write_fresh(cache[i], k, v.astype(base.dtype), room)
                 with mx.stream(stream):

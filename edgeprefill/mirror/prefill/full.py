@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from edgeprefill.prefill.base import PrefillStats
+from edgeprefill.prefill.base import CPU_CHUNK, GPU_CHUNK, PrefillStats
 
 
 def as_token_tensor(prompt_ids, device):
@@ -14,9 +14,8 @@ def as_token_tensor(prompt_ids, device):
 
 
 def default_chunk_size(model):
-    """The MLX rule (edgeprefill.prefill.base.default_chunk_size) for the mirror's device:
-    512 tokens per call on a CPU, 8192 on a GPU."""
-    return 8192 if torch.device(model.device).type == "cuda" else 512
+    """The MLX rule (edgeprefill.prefill.base.default_chunk_size) for the mirror's device."""
+    return GPU_CHUNK if torch.device(model.device).type == "cuda" else CPU_CHUNK
 
 
 def synchronize(device):
