@@ -301,22 +301,20 @@ def mirror_kvp_pair(base, tbase, artifact):
     if artifact is None:
         raise EdgeprefillError("kvp on the mirror backend needs an artifact: pass --kvp FOLDER")
     aux, pred, card = load_artifact(artifact, base)
-    if hasattr(aux.model, "copied"):
-        raise EdgeprefillError("the mirror benchmark runs auxes made of the base's own blocks; "
-                               "this artifact has trained aux weights: bench it on --backend mlx")
     return mirror_pair(aux, pred, tbase, card.get("tail", 1))
 
 
 def mirror_pair(aux, pred, tbase, tail=1):
     """(mirror aux, mirror predictor, tail) of an MLX pair: an aux of the base's own blocks
-    runs the mirror base's; a KVP-C aux model is mirrored itself."""
-    from edgeprefill.mirror.kvp.aux import AuxModel
+    runs the mirror base's (and mirrors of its trained copies, if any); a KVP-C aux model is
+    mirrored itself."""
+    from edgeprefill.mirror.kvp.aux import AuxModel, aux_to_torch
     from edgeprefill.mirror.kvp.predictor import predictor_to_torch
     from edgeprefill.mirror.loading import mirror_from_mlx
 
-    model = tbase if aux.kind != "C" else mirror_from_mlx(aux.model, tbase.dtype, tbase.device)
-    return (AuxModel(model, aux.layers, aux.kind),
-            predictor_to_torch(pred, tbase.device, tbase.dtype), tail)
+    taux = (aux_to_torch(aux, tbase) if aux.kind != "C" else
+            AuxModel(mirror_from_mlx(aux.model, tbase.dtype, tbase.device), aux.layers, aux.kind))
+    return taux, predictor_to_torch(pred, tbase.device, tbase.dtype), tail
 
 
 def bench_prompt_sets(lm, n, count, continuation, random_tokens, seed=0):

@@ -78,7 +78,7 @@ def run_export(args):
     out = check_out(args.out, args.force)
     console = Console(stderr=True)
     started = time.perf_counter()
-    lm, mirror, pred, aux_layers, card = load_for_export(args)
+    lm, mirror, pred, aux, card = load_for_export(args)
     if args.context > mirror.max_context:
         raise EdgeprefillError(f"--context {args.context} exceeds the model's "
                                f"{mirror.max_context} positions: pass a smaller one")
@@ -87,7 +87,7 @@ def run_export(args):
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("building", total=steps)
-        em = ex.build(mirror, args.context, args.layout, pred, aux_layers)
+        em = ex.build(mirror, args.context, args.layout, pred, aux)
         models = {}
         for f in functions:
             bar.update(task, description=f"converting {f}")
@@ -111,7 +111,7 @@ def run_export(args):
     if args.verify:
         from converters.coreml.verify import verify_package
 
-        report["verify"] = verify_package(out, mirror, pred, aux_layers, args.chunk,
+        report["verify"] = verify_package(out, mirror, pred, aux, args.chunk,
                                           prompt_ids=held_out_prompt(lm, args.chunk))
     print_report(report, out)
     if args.json:
@@ -132,15 +132,16 @@ def held_out_prompt(lm, chunk):
 
 
 def load_for_export(args):
-    """(LoadedModel, mirror Transformer, torch predictor or None, aux layer count, card)."""
+    """(LoadedModel, mirror Transformer, torch predictor or None, mirror aux or None, card)."""
     from edgeprefill.loading import load
     from edgeprefill.mirror.loading import mirror_from_mlx
 
     lm = load(args.model, dtype="float32")
     mirror = mirror_from_mlx(lm.model)
     if not args.kvp:
-        return lm, mirror, None, 0, None
+        return lm, mirror, None, None, None
     from edgeprefill.kvp.artifact import load_artifact
+    from edgeprefill.mirror.kvp.aux import aux_to_torch
     from edgeprefill.mirror.kvp.predictor import predictor_to_torch
 
     path = args.kvp
@@ -150,12 +151,11 @@ def load_for_export(args):
         path = ensure_default_artifact(lm, default_artifact_path(lm.model_id))
     aux, pred, card = load_artifact(path, lm.model)
     kind = card["aux"]["kind"]
-    if not kind.startswith("T-") or card["aux"].get("weights", "base") != "base" or \
-            list(aux.layers) != list(range(len(aux.layers))):
+    if not kind.startswith("T-") or list(aux.layers) != list(range(len(aux.layers))):
         raise EdgeprefillError(f"--kvp {path} is a {kind} pair: the Core ML export runs KVP-T "
                                "pairs (the aux is the base's first layers); fit one with "
                                "`edgeprefill kvp fit --aux T-0.50`")
-    return lm, mirror, predictor_to_torch(pred), len(aux.layers), card
+    return lm, mirror, predictor_to_torch(pred), aux_to_torch(aux, mirror), card
 
 
 def print_report(report, out):

@@ -7,7 +7,7 @@ def mirror_trainer(base, aux, pred, windows, train_aux, device, hp, copies=None)
     import torch
 
     from edgeprefill.errors import EdgeprefillError
-    from edgeprefill.mirror.kvp.aux import AuxModel
+    from edgeprefill.mirror.kvp.aux import aux_to_torch
     from edgeprefill.mirror.kvp.predictor import predictor_to_torch
     from edgeprefill.mirror.kvp.train import Trainer, trainable_aux
     from edgeprefill.mirror.loading import mirror_from_mlx
@@ -20,26 +20,13 @@ def mirror_trainer(base, aux, pred, windows, train_aux, device, hp, copies=None)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     tbase = mirror_from_mlx(base, device=device)
-    taux = AuxModel(tbase, aux.layers, aux.kind)
+    taux = aux_to_torch(aux, tbase)
     if hasattr(aux.model, "copied"):  # an --init artifact with trained aux blocks
-        taux = trainable_aux(taux, aux.model.copied)
-        _load_aux_copies(taux, aux)
+        taux.model.train_copies(True)
     elif train_aux:
         taux = trainable_aux(taux, copies)
     tpred = predictor_to_torch(pred, device=device)
     return Trainer(tbase, taux, tpred, windows, device=device, **hp), taux
-
-
-def _load_aux_copies(taux, aux):
-    import mlx.core as mx
-    import numpy as np
-    import torch
-
-    for name, w in aux.model.aux_weights().items():
-        _, k, rest = name.split(".", 2)
-        dst = dict(taux.model.copies[k].named_parameters())[rest]
-        with torch.no_grad():
-            dst.copy_(torch.from_numpy(np.array(w.astype(mx.float32))))
 
 
 def export_trained(trainer, base, aux, pred, train_aux):

@@ -106,6 +106,7 @@ def run_train(args):
             raise EdgeprefillError(f"--init artifact is {init_aux.kind}/{pred.source}, not "
                                    f"{aux.kind}/{source}: pick a matching one")
         aux = init_aux
+        init_fit = card.get("fit", {})
     elif not args.resume:
         chunks = fit_chunks(lm.tokenizer, args.ridge_tokens, 256)
         with Progress(TextColumn("ridge init {task.description}"), BarColumn(),
@@ -181,6 +182,9 @@ def run_train(args):
                 "aux_weight": args.aux_weight,
                 "data": WIDE_FIT_DATA if args.data == "wide" else FIT_DATA,
                 "log": log_path.name}
+    if args.init:  # what training continued from
+        fit_info["init"] = {"artifact": Path(args.init).name, **{
+            k: init_fit[k] for k in ("method", "steps", "data") if k in init_fit}}
     save_artifact(out, pred, aux, base, lm.model_id, fit_info, quality, tail=args.tail,
                   aux_weights=aux_weights)
     q = (f"; held-out agreement {quality['first_token_agreement']:.2f}, NLL ratio "

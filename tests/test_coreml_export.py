@@ -21,21 +21,37 @@ CHUNK, CONTEXT = 16, 64
 PROMPT = [(7 * i + 3) % 300 for i in range(25)]  # 1.5 chunks + 1: a padded last chunk
 
 
-def _t_pair(lm, source="hidden"):
-    """A ridge-fitted KVP-T 0.50 predictor on random text (torch copy) and its aux depth."""
+def _t_pair(lm, source="hidden", copies=0):
+    """A ridge-fitted KVP-T 0.50 pair on random text: (MLX aux, MLX predictor, torch
+    predictor, mirror aux, mirror base); `copies`: its last blocks become perturbed copies
+    (as after `kvp train --train-aux-layers`)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
     from edgeprefill.kvp.aux import make_aux
     from edgeprefill.kvp.fit import fit_ridge
     from edgeprefill.kvp.predictor import KVPredictor, input_dim
+    from edgeprefill.kvp.train import trainable_aux
+    from edgeprefill.mirror.kvp.aux import aux_to_torch
     from edgeprefill.mirror.kvp.predictor import predictor_to_torch
+    from edgeprefill.mirror.loading import mirror_from_mlx
 
     m = lm.model
     aux, layer_map, exact = make_aux(m, "T-0.50")
+    if copies:
+        aux = trainable_aux(aux, aux.layers[-copies:])
+        for k in aux.model.copied:
+            layer = aux.model.layers[k]
+            noise = [(n, w * (1 + 0.2 * mx.random.normal(w.shape, key=mx.random.key(k))))
+                     for n, w in tree_flatten(layer.trainable_parameters())]
+            layer.update(tree_unflatten(noise))
     pred = KVPredictor(layer_map, input_dim(aux, source), m.n_kv_heads, m.head_dim, source,
                        exact)
     rng = np.random.default_rng(1)
     pred, _ = fit_ridge(m, aux, pred, [rng.integers(3, m.vocab_size, 40).tolist()
                                        for _ in range(6)], lam=1e-3)
-    return aux, pred, predictor_to_torch(pred), len(aux.layers)
+    mirror = mirror_from_mlx(m)
+    return aux, pred, predictor_to_torch(pred), aux_to_torch(aux, mirror), mirror
 
 
 def _export(lm, tmp_path, layout="default", quantize="none", kvp=None, decode=True,
@@ -43,14 +59,14 @@ def _export(lm, tmp_path, layout="default", quantize="none", kvp=None, decode=Tr
     from converters.coreml import export as ex
     from edgeprefill.mirror.loading import mirror_from_mlx
 
-    mirror = mirror_from_mlx(lm.model)
-    pred, aux_layers = (kvp[2], kvp[3]) if kvp else (None, 0)
-    em = ex.build(mirror, context, layout, pred, aux_layers)
+    mirror = kvp[4] if kvp else mirror_from_mlx(lm.model)
+    pred, aux = (kvp[2], kvp[3]) if kvp else (None, None)
+    em = ex.build(mirror, context, layout, pred, aux)
     fns = ["prefill"] + (["decode"] if decode else []) + (["kvp_prefill"] if kvp else [])
     models = {f: ex.quantize_model(ex.convert_function(em, f, CHUNK), quantize,
                                    mirror.vocab_size) for f in fns}
     out = ex.save_package(models, tmp_path / f"m-{layout}-{quantize}.mlpackage")
-    return out, mirror, pred, aux_layers
+    return out, mirror, pred, aux
 
 
 def _check(report, rel, cos=0.999):
@@ -60,15 +76,18 @@ def _check(report, rel, cos=0.999):
         assert r["max_state_diff"] < max(rel, 1e-2), (fn, r)
 
 
-@pytest.mark.parametrize("family,layout", [("llama", "default"), ("qwen3", "ane")])
-def test_package_matches_the_mirror_in_the_interpreter(tiny_models, tmp_path, family, layout):
+@pytest.mark.parametrize("family,layout,copies", [("llama", "default", 0), ("qwen3", "ane", 1)])
+def test_package_matches_the_mirror_in_the_interpreter(tiny_models, tmp_path, family, layout,
+                                                       copies):
+    """qwen3/ane also carries a trained copy of the aux's last block (kvp_prefill runs it,
+    prefill and decode run the base's own)."""
     from converters.coreml.export import package_report
     from converters.coreml.verify import verify_package
 
     lm = load(str(tiny_models[family]))
-    kvp = _t_pair(lm)
-    out, mirror, pred, aux_layers = _export(lm, tmp_path, layout, kvp=kvp)
-    report = verify_package(out, mirror, pred, aux_layers, CHUNK, PROMPT)
+    kvp = _t_pair(lm, copies=copies)
+    out, mirror, pred, aux = _export(lm, tmp_path, layout, kvp=kvp)
+    report = verify_package(out, mirror, pred, aux, CHUNK, PROMPT)
     assert set(report) == {"prefill", "decode", "kvp_prefill"}
     _check(report, 1e-2)
     rep = package_report(out)
@@ -96,7 +115,7 @@ def test_quantized_packages_stay_close(tiny_models, tmp_path, family, quantize, 
     # a 256-position context: its RoPE tables (256 x 16) are above the compression threshold,
     # and must stay float16 (compressed positions wreck attention)
     out, mirror, _, _ = _export(lm, tmp_path, "default", quantize, decode=False, context=256)
-    _check(verify_package(out, mirror, None, 0, CHUNK, PROMPT), rel, cos)
+    _check(verify_package(out, mirror, None, None, CHUNK, PROMPT), rel, cos)
     rep = package_report(out)
     op = "constexpr_lut_to_dense" if quantize == "palette4" else "constexpr_blockwise_shift_scale"
     m = lm.model
@@ -180,5 +199,22 @@ def test_float16_safe_norm_with_massive_activations(tiny_models, tmp_path):
     em = ex.build(mirror, CONTEXT, "default")
     out = ex.save_package({"prefill": ex.convert_function(em, "prefill", CHUNK)},
                           tmp_path / "big.mlpackage")
-    report = verify_package(out, mirror, None, 0, CHUNK, PROMPT)
+    report = verify_package(out, mirror, None, None, CHUNK, PROMPT)
     assert report["prefill"]["top1_match"] and report["prefill"]["logit_cosine"] > 0.999
+
+
+def test_export_refuses_a_copy_with_its_own_k_norm(tiny_models):
+    """The package's one cache per layer is keyed by the base's k_norm: a trained copy whose
+    k_norm moved off it (kvp train keeps it frozen) is refused with a one-line reason."""
+    import torch
+
+    from converters.coreml import export as ex
+    from edgeprefill.errors import EdgeprefillError
+
+    lm = load(str(tiny_models["qwen3"]))
+    _, _, tpred, taux, mirror = _t_pair(lm, copies=1)
+    with torch.no_grad():
+        for layer in taux.model.copies.values():
+            layer.self_attn.k_norm.weight.mul_(1.5)
+    with pytest.raises(EdgeprefillError, match="own k_norm"):
+        ex.build(mirror, CONTEXT, "default", tpred, taux)

@@ -202,3 +202,59 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "has only 2 blocks" in r.stderr
     assert not (tmp_path / "x").exists()
+    # continuing from the artifact (its copies and predictor): the card says from what
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", "--model", lm.spec,
+                        "--aux", "T-0.50", "--init", str(art), "--aux-weight", "0",
+                        "--steps", "1", "--batch", "2", "--seq", "16", "--tokens", "400",
+                        "--backend", "mirror", "--eval-pairs", "0", "--out",
+                        str(tmp_path / "art2")], env=cli_env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    card2 = json.loads((tmp_path / "art2" / "card.json").read_text())
+    assert card2["aux"]["trained_layers"] == [1] and card2["fit"]["method"] == "gradient"
+    assert card2["fit"]["init"] == {"artifact": "art", "method": "ridge+gradient", "steps": 3,
+                                    "data": card["fit"]["data"]}
+
+
+def test_trained_aux_copies_mirror_and_keep_the_base_k_norm(tiny_models):
+    """A pair with trained copies of aux blocks (qwen3: QK-norm) runs the same on the mirror
+    (aux_to_torch: the bench's and the export's path), and neither trainer moves a copy's
+    k_norm off the base's (the base cache holds the copy's keys under the base's k_norm)."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from apps.bench import mirror_pair
+    from apps.kvp import build_predictor
+    from edgeprefill.kvp.fit import fit_ridge
+    from edgeprefill.kvp.train import Trainer, trainable_aux
+    from edgeprefill.mirror.kvp.train import Trainer as TTrainer
+    from edgeprefill.mirror.loading import mirror_from_mlx
+    from edgeprefill.mirror.prefill.kv_prediction import KVPrediction as TKVP
+
+    m = load(str(tiny_models["qwen3"])).model
+    aux, pred = build_predictor(m, "T-0.50", "hidden2")
+    aux = trainable_aux(aux, aux.layers[-1:])
+    k = aux.model.copied[0]
+    layer = aux.model.layers[k]
+    layer.update(tree_unflatten([(n, w * 1.3) for n, w in
+                                 tree_flatten(layer.trainable_parameters())]))
+    rng = np.random.default_rng(4)
+    windows = [rng.integers(3, 300, 17).tolist() for _ in range(4)]
+    pred, _ = fit_ridge(m, aux, pred, windows)
+    tm = mirror_from_mlx(m)
+    taux, tpred, _ = mirror_pair(aux, pred, tm)
+    prompt = [5, 17, 200, 3, 99, 42, 7, 8]
+    _, logits, _ = KVPrediction(m, aux, pred).prefill(prompt)
+    _, tlogits, _ = TKVP(tm, taux, tpred).prefill(prompt, cache=TKVP(tm, taux, tpred)
+                                                  .make_cache(64))
+    np.testing.assert_allclose(tlogits.numpy(), np.array(logits), atol=2e-4, rtol=2e-4)
+    assert not any(p.requires_grad for p in taux.model.copies.parameters())  # inference
+
+    base_norm = np.array(m.layers[k].self_attn.k_norm.weight)
+    Trainer(m, aux, pred, windows, batch=2, steps=2, lr=1e-2, warmup=1).run()
+    assert np.array_equal(np.array(aux.model.layers[k].self_attn.k_norm.weight), base_norm)
+    taux.model.train_copies(True)
+    copy = taux.model.copies[str(k)]
+    q_before = copy.self_attn.q_proj.weight.detach().clone()
+    TTrainer(tm, taux, tpred, windows, batch=2, steps=2, lr=1e-2, warmup=1).run()
+    assert np.array_equal(copy.self_attn.k_norm.weight.detach().numpy(), base_norm)
+    assert not torch.equal(copy.self_attn.q_proj.weight, q_before)  # the rest does train

@@ -36,14 +36,27 @@ def check_options(context, chunk, quantize, layout, compute_units):
         raise EdgeprefillError(f"--chunk {chunk}: use 1..context tokens, e.g. 64")
 
 
-def build(mirror_model, context, layout="default", predictor=None, aux_layers=0):
-    """The ExportModel (float32 torch, eval mode) for a mirror model and optional predictor."""
+def build(mirror_model, context, layout="default", predictor=None, aux=None):
+    """The ExportModel (float32 torch, eval mode) for a mirror model and optional KVP-T pair
+    (`aux`: its mirror AuxModel, whose trained block copies, if any, the package carries)."""
     import torch
 
     from converters.coreml.modules import ExportModel
 
+    copies = getattr(aux.model, "copies", None) if aux is not None else None
+    for k, layer in (copies or {}).items():
+        # The package has one cache per layer, read by the aux's copy and written for the
+        # base; the pair's semantics key it with the base's own k_norm (qwen3), so a copy
+        # whose k_norm was trained away from it has no single cache to write.
+        norm = getattr(layer.self_attn, "k_norm", None)
+        if norm is not None and not torch.equal(
+                norm.weight, mirror_model.model.layers[int(k)].self_attn.k_norm.weight):
+            raise EdgeprefillError(f"the pair's trained copy of block {k} has its own k_norm: "
+                                   "the Core ML export needs the base's (kvp train keeps it "
+                                   "frozen); retrain the pair or export without --kvp")
     em = ExportModel(mirror_model.float(), context, layout,
-                     predictor.float() if predictor is not None else None, aux_layers)
+                     predictor.float() if predictor is not None else None,
+                     len(aux.layers) if aux is not None else 0, copies)
     em.eval()
     for p in em.parameters():
         p.requires_grad_(False)

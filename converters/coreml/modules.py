@@ -9,8 +9,8 @@ a truncation of the base, KVP-T) and is traced once per function:
   the state at those positions, attention reads the whole state under a causal mask, and the
   logits of token `last_index` of the chunk come out. A short last chunk is padded: the padding's
   K/V land beyond the prompt, masked until decoding overwrites them.
-- kvp_prefill (C tokens): the aux (the base's first m layers, exact) runs over the chunk and
-  writes its layers' K/V; the predictor maps the aux's features to the K/V of layers m..L-1, which
+- kvp_prefill (C tokens): the aux (the base's first m layers, exact, or trained copies of its
+  last few where the artifact has them) runs over the chunk and writes its layers' K/V; the predictor maps the aux's features to the K/V of layers m..L-1, which
   are rotated with the base's RoPE at their absolute positions and written too. The prompt's last
   token then goes through `decode` (the base step of KV Prediction).
 
@@ -37,6 +37,15 @@ def _conv_from_linear(lin):
     return conv
 
 
+def _layer_convs(layer):
+    """A decoder layer's Linears as 1x1 convolutions, by name."""
+    a, f = layer.self_attn, layer.mlp
+    return nn.ModuleDict({n: _conv_from_linear(getattr(a, n)) for n in
+                          ("q_proj", "k_proj", "v_proj", "o_proj")} | {
+                         n: _conv_from_linear(getattr(f, n)) for n in
+                         ("gate_proj", "up_proj", "down_proj")})
+
+
 def _rms(x, weight, eps, dim):
     """RMS norm that survives float16: the squares of activations above 256 overflow it (the
     default model's residual stream reaches 2.5e4, mean squares 1e6), so the vector is first
@@ -55,9 +64,13 @@ class ExportModel(nn.Module):
         layout: 'default' or 'ane'.
         predictor: mirror KVPredictor of a KVP-T artifact (aux = base layers 0..m-1), or None.
         aux_layers: m, the aux's layer count (with predictor).
+        aux_copies: {str(i): mirror decoder layer} trained copies the aux runs in place of the
+            base's block i (an artifact's aux.safetensors); kvp_prefill writes their K/V, the
+            base's own blocks serve prefill and decode.
     """
 
-    def __init__(self, model, context, layout="default", predictor=None, aux_layers=0):
+    def __init__(self, model, context, layout="default", predictor=None, aux_layers=0,
+                 aux_copies=None):
         super().__init__()
         self.function = "prefill"  # which entry point forward() traces: prefill | kvp_prefill
         # tokens per call while tracing: a Python constant, so no shape arithmetic reaches the
@@ -83,15 +96,11 @@ class ExportModel(nn.Module):
                              persistent=False)
         self.predictor = predictor
         self.aux_layers = aux_layers
+        self.aux_copies = nn.ModuleDict(aux_copies or {})
         if layout == "ane":  # 1x1 convolutions in place of every Linear
-            self.convs = nn.ModuleList()
-            for layer in model.model.layers:
-                a, f = layer.self_attn, layer.mlp
-                self.convs.append(nn.ModuleDict({
-                    n: _conv_from_linear(getattr(a, n)) for n in
-                    ("q_proj", "k_proj", "v_proj", "o_proj")} | {
-                    n: _conv_from_linear(getattr(f, n)) for n in
-                    ("gate_proj", "up_proj", "down_proj")}))
+            self.convs = nn.ModuleList(_layer_convs(layer) for layer in model.model.layers)
+            self.aux_convs = nn.ModuleDict(
+                {k: _layer_convs(layer) for k, layer in self.aux_copies.items()})
             if predictor is not None:
                 self.pred_k = nn.ModuleList(_conv_from_linear(x) for x in predictor.k_proj)
                 self.pred_v = nn.ModuleList(_conv_from_linear(x) for x in predictor.v_proj)
@@ -144,11 +153,19 @@ class ExportModel(nn.Module):
             return _rms(x, norm.weight.float(), norm.eps, -1)
         return _rms(x, norm.weight.float()[None, :, None, None], norm.eps, 1)
 
-    def _proj(self, i, name, x):
+    def _layer(self, i, aux=False):
+        """Block i's decoder layer: the aux's trained copy when `aux` and there is one."""
+        if aux and str(i) in self.aux_copies:
+            return self.aux_copies[str(i)]
+        return self.m.model.layers[i]
+
+    def _proj(self, i, name, x, aux=False):
         if self.layout == "default":
-            layer = self.m.model.layers[i]
+            layer = self._layer(i, aux)
             mod = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
             return mod(x)
+        if aux and str(i) in self.aux_copies:
+            return self.aux_convs[str(i)][name](x)
         return self.convs[i][name](x)
 
     def _heads(self, x, n):
@@ -163,28 +180,30 @@ class ExportModel(nn.Module):
             return x.transpose(1, 2).reshape(1, -1, self.H * self.hd)
         return x.transpose(2, 3).reshape(1, self.H * self.hd, 1, -1)
 
-    def _kv(self, i, h):
+    def _kv(self, i, h, aux=False):
         """Layer i's pre-RoPE keys (after k_norm for qwen3) and values, (1, Hkv, C, hd)."""
-        layer = self.m.model.layers[i]
+        layer = self._layer(i, aux)
         x = self._norm(layer.input_layernorm, h)
-        k = self._heads(self._proj(i, "k_proj", x), self.Hkv)
-        v = self._heads(self._proj(i, "v_proj", x), self.Hkv)
+        k = self._heads(self._proj(i, "k_proj", x, aux), self.Hkv)
+        v = self._heads(self._proj(i, "v_proj", x, aux), self.Hkv)
         return x, k, v
 
-    def _block(self, i, h, position, cos, sin, mask):
-        layer = self.m.model.layers[i]
+    def _block(self, i, h, position, cos, sin, mask, aux=False):
+        """Block i over h, its K/V written to the state; `aux`: the aux's copy of it if any."""
+        layer = self._layer(i, aux)
         attn = layer.self_attn
-        x, k, v = self._kv(i, h)
-        q = self._heads(self._proj(i, "q_proj", x), self.H)
+        x, k, v = self._kv(i, h, aux)
+        q = self._heads(self._proj(i, "q_proj", x, aux), self.H)
         if self.m.has_qk_norm:
             q = _rms(q, attn.q_norm.weight.float(), attn.q_norm.eps, -1)
             k = _rms(k, attn.k_norm.weight.float(), attn.k_norm.eps, -1)
         self._write(i, position, self._rope(k, cos, sin), v)
         out = self._attend(i, self._rope(q, cos, sin), mask)
-        h = h + self._proj(i, "o_proj", self._unheads(out))
+        h = h + self._proj(i, "o_proj", self._unheads(out), aux)
         x = self._norm(layer.post_attention_layernorm, h)
-        gate = self._proj(i, "gate_proj", x)
-        return h + self._proj(i, "down_proj", F.silu(gate) * self._proj(i, "up_proj", x))
+        gate = self._proj(i, "gate_proj", x, aux)
+        return h + self._proj(i, "down_proj", F.silu(gate) * self._proj(i, "up_proj", x, aux),
+                              aux)
 
     def _embed(self, input_ids):
         h = self.m.model.embed_tokens(input_ids.long()).float()  # (1, C, D)
@@ -224,9 +243,9 @@ class ExportModel(nn.Module):
         kv = {}
         for a in range(self.aux_layers):
             if pred.source == "kv":
-                _, k, v = self._kv(a, h)
+                _, k, v = self._kv(a, h, aux=True)
                 kv[a] = (k, v)
-            h = self._block(a, h, position, cos, sin, mask)
+            h = self._block(a, h, position, cos, sin, mask, aux=True)
             hidden[a] = h
         for s, i in enumerate(pred.predicted):
             j = pred.layer_map[i]

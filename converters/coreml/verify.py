@@ -81,8 +81,9 @@ def mirror_reference(mirror, ids, context, chunk):
     return cache, logits.float().numpy()
 
 
-def verify_package(path, mirror, predictor=None, aux_layers=0, chunk=64, prompt_ids=None):
-    """{function: differences} for every function of the package at `path`."""
+def verify_package(path, mirror, predictor=None, aux=None, chunk=64, prompt_ids=None):
+    """{function: differences} for every function of the package at `path` (kvp_prefill
+    against the mirror's KV Prediction with `predictor` and the mirror AuxModel `aux`)."""
     import torch
 
     from converters.coreml.export import load_program
@@ -105,10 +106,8 @@ def verify_package(path, mirror, predictor=None, aux_layers=0, chunk=64, prompt_
             ref2 = mirror(torch.tensor([[nxt]]), cache)[0, -1].float().numpy()
         report["decode"] = compare(out["logits"], ref2, states, cache, n + 1)
     if "kvp_prefill" in prog.functions and predictor is not None:
-        from edgeprefill.mirror.kvp.aux import AuxModel
         from edgeprefill.mirror.prefill.kv_prediction import KVPrediction
 
-        aux = AuxModel(mirror, range(aux_layers), "T")
         strat = KVPrediction(mirror, aux, predictor, chunk_size=chunk, tail=1)
         kcache = strat.make_cache(context)
         kcache, kref, _ = strat.prefill(ids, kcache)

@@ -39,6 +39,9 @@ class AuxView:
         self.layers = list(base.layers)
         for k in layers:
             self.layers[k] = copy.deepcopy(base.layers[k])
+            norm = getattr(self.layers[k].self_attn, "k_norm", None)
+            if norm is not None:  # stays the base's: see the mirror's AuxView.train_copies
+                norm.freeze()
         self.copied = list(layers)
 
     def __getattr__(self, name):

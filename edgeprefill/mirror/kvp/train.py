@@ -21,9 +21,20 @@ class AuxView(torch.nn.Module):
     def __init__(self, base, layers):
         super().__init__()
         self.copies = torch.nn.ModuleDict(
-            {str(k): copy.deepcopy(base.model.layers[k]).requires_grad_(True) for k in layers})
+            {str(k): copy.deepcopy(base.model.layers[k]) for k in layers})
         object.__setattr__(self, "_base", base)
         self.copied = list(layers)
+        self.train_copies(True)
+
+    def train_copies(self, flag):
+        """Make the copies trainable (or not), except a k_norm (qwen3), which stays the base's:
+        the base cache holds the copy's keys normalized by the base's k_norm, so the copy's
+        own cache agrees with it only while the two norms are equal."""
+        self.copies.requires_grad_(flag)
+        for layer in self.copies.values():
+            norm = getattr(layer.self_attn, "k_norm", None)
+            if norm is not None:
+                norm.requires_grad_(False)
 
     def __getattr__(self, name):
         try:
