@@ -178,16 +178,19 @@ def bundled_dir():
 
 def stale_bundled_copy(path, shipped):
     """True when `path` holds an earlier release's bundled pair (trained, not a ridge fit
-    made here) whose predictor differs from the one shipped now: it is then replaced."""
+    made here) whose weights (predictor, trained aux blocks) differ from the ones shipped now:
+    it is then replaced."""
     import filecmp
 
     try:
         card = json.loads((Path(path) / "card.json").read_text())
     except (OSError, ValueError):
         return False
-    weights = "predictor.safetensors"
-    return (card.get("fit", {}).get("method") != "ridge" and (shipped / weights).is_file()
-            and not filecmp.cmp(Path(path) / weights, shipped / weights, shallow=False))
+    if card.get("fit", {}).get("method") == "ridge" or not (shipped / "card.json").is_file():
+        return False
+    names = {f.name for f in shipped.glob("*.safetensors")}
+    return names != {f.name for f in Path(path).glob("*.safetensors")} or not all(
+        filecmp.cmp(Path(path) / n, shipped / n, shallow=False) for n in names)
 
 
 def ensure_default_artifact(lm, path):
@@ -217,7 +220,7 @@ def ensure_default_artifact(lm, path):
             console.print(f"[dim]kvp: installed the bundled default pair ({DEFAULT_AUX}, "
                           f"trained; held-out NLL ratio {q.get('nll_ratio', float('nan')):.2f}, "
                           f"first-token agreement {q.get('first_token_agreement', float('nan')):.2f}"
-                          f" on the training machine's text) in {path}[/dim]")
+                          f" on {q.get('data', 'held-out pairs')}) in {path}[/dim]")
             return path
     console.print(f"[dim]first use of kvp: fitting the default pair ({DEFAULT_AUX}, hidden-state "
                   f"predictor) into {path}, about two minutes, once[/dim]")

@@ -254,7 +254,8 @@ def test_compact_aux_fit_generate_and_tokenizer_refusal(tiny_models, cli_env, tm
 
 def test_bundled_default_pair_is_complete():
     """The trained T-0.50 pair shipped for the default model: card, weights and layer map agree
-    (SmolLM2-135M: 30 layers, 3 KV heads of 64, hidden 576; 15 predicted layers)."""
+    (SmolLM2-135M: 30 layers, 3 KV heads of 64, hidden 576; 15 predicted layers; trained
+    copies of the aux's last 2 blocks)."""
     import json
 
     import mlx.core as mx
@@ -269,6 +270,10 @@ def test_bundled_default_pair_is_complete():
     assert len(predicted) == 15 and len(w) == 4 * len(predicted)
     assert w["k_proj.0.weight"].shape == (192, 2 * 576) and w["v_proj.14.bias"].shape == (192,)
     assert card["quality"]["pairs"] == 40 and card["quality"]["nll_ratio"] <= 1.10
+    aux = mx.load(str(folder / "aux.safetensors"))
+    assert card["aux"]["weights"] == "aux.safetensors" and card["aux"]["trained_layers"] == [13, 14]
+    assert {k.split(".")[1] for k in aux} == {"13", "14"} and len(aux) == 2 * 9
+    assert aux["layers.14.mlp.gate_proj.weight"].shape == (1536, 576)
 
 
 def test_an_earlier_bundled_pair_is_replaced_but_a_local_fit_is_kept(tmp_path):
@@ -283,6 +288,9 @@ def test_an_earlier_bundled_pair_is_replaced_but_a_local_fit_is_kept(tmp_path):
     assert not stale_bundled_copy(old, shipped)  # the current release's copy
     (old / "predictor.safetensors").chmod(0o644)
     (old / "predictor.safetensors").write_bytes(b"an earlier release")
+    assert stale_bundled_copy(old, shipped)
+    shutil.copy(shipped / "predictor.safetensors", old / "predictor.safetensors")
+    (old / "aux.safetensors").unlink()  # a release before trained aux blocks shipped
     assert stale_bundled_copy(old, shipped)
     card = json.loads((old / "card.json").read_text())
     card["fit"]["method"] = "ridge"  # fitted on this machine: the user's own, kept

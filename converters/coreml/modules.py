@@ -10,9 +10,10 @@ a truncation of the base, KVP-T) and is traced once per function:
   logits of token `last_index` of the chunk come out. A short last chunk is padded: the padding's
   K/V land beyond the prompt, masked until decoding overwrites them.
 - kvp_prefill (C tokens): the aux (the base's first m layers, exact, or trained copies of its
-  last few where the artifact has them) runs over the chunk and writes its layers' K/V; the predictor maps the aux's features to the K/V of layers m..L-1, which
-  are rotated with the base's RoPE at their absolute positions and written too. The prompt's last
-  token then goes through `decode` (the base step of KV Prediction).
+  last few where the artifact has them) runs over the chunk and writes its layers' K/V; the
+  predictor maps the aux's features to the K/V of layers m..L-1, which are rotated with the
+  base's RoPE at their absolute positions and written too. The prompt's last token then goes
+  through `decode` (the base step of KV Prediction).
 
 State: key_cache and value_cache, (layers, kv heads, context, head dim) float16.
 
