@@ -306,14 +306,18 @@ def mirror_kvp_pair(base, tbase, artifact):
 
 def mirror_pair(aux, pred, tbase, tail=1):
     """(mirror aux, mirror predictor, tail) of an MLX pair: an aux of the base's own blocks
-    runs the mirror base's (and mirrors of its trained copies, if any); a KVP-C aux model is
-    mirrored itself."""
-    from edgeprefill.mirror.kvp.aux import AuxModel, aux_to_torch
+    runs the mirror base's, a KVP-C aux a mirror of its own model; trained block copies, if
+    any, are mirrored with their weights."""
+    from edgeprefill.mirror.kvp.aux import aux_to_torch
     from edgeprefill.mirror.kvp.predictor import predictor_to_torch
     from edgeprefill.mirror.loading import mirror_from_mlx
 
-    taux = (aux_to_torch(aux, tbase) if aux.kind != "C" else
-            AuxModel(mirror_from_mlx(aux.model, tbase.dtype, tbase.device), aux.layers, aux.kind))
+    if aux.kind == "C":  # the MLX copies' view keeps the small model itself as _base
+        own = getattr(aux.model, "_base", aux.model)
+        tbase_aux = mirror_from_mlx(own, tbase.dtype, tbase.device)
+    else:
+        tbase_aux = tbase
+    taux = aux_to_torch(aux, tbase_aux)
     return taux, predictor_to_torch(pred, tbase.device, tbase.dtype), tail
 
 

@@ -14,7 +14,7 @@ def mirror_trainer(base, aux, pred, windows, train_aux, device, hp, copies=None)
 
     if device == "cuda" and not torch.cuda.is_available():
         raise EdgeprefillError("--device cuda but torch sees no CUDA GPU: use --device cpu")
-    if aux.model is not base and not hasattr(aux.model, "copied"):
+    if aux.kind == "C":
         raise EdgeprefillError("the mirror trainer supports auxes made of the base's blocks "
                                "(LP, T); train KVP-C with --backend mlx")
     if device == "cuda":

@@ -258,3 +258,38 @@ def test_trained_aux_copies_mirror_and_keep_the_base_k_norm(tiny_models):
     TTrainer(tm, taux, tpred, windows, batch=2, steps=2, lr=1e-2, warmup=1).run()
     assert np.array_equal(copy.self_attn.k_norm.weight.detach().numpy(), base_norm)
     assert not torch.equal(copy.self_attn.q_proj.weight, q_before)  # the rest does train
+
+
+def test_trained_kvp_c_copies_run_on_the_mirror(tiny_models, tmp_path):
+    """A KVP-C pair whose aux blocks were trained (copies of the small model's blocks) runs the
+    same on the mirror benchmark's path: the small model is mirrored, then its copies."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from apps.bench import mirror_pair
+    from apps.kvp import build_predictor
+    from edgeprefill.kvp.fit import fit_ridge
+    from edgeprefill.kvp.train import trainable_aux
+    from edgeprefill.mirror.loading import mirror_from_mlx
+    from edgeprefill.mirror.prefill.kv_prediction import KVPrediction as TKVP
+    from edgeprefill.models.random import random_model_folder
+
+    lm = load(str(tiny_models["llama"]))
+    small = load(str(random_model_folder(tmp_path / "small", "llama", "tiny", seed=3,
+                                         num_hidden_layers=2, hidden_size=32,
+                                         intermediate_size=64)))
+    m = lm.model
+    aux, pred = build_predictor(m, "C", "kv", aux_lm=small, tokenizer=lm.tokenizer)
+    aux = trainable_aux(aux)
+    for k in aux.model.copied:
+        layer = aux.model.layers[k]
+        layer.update(tree_unflatten([(n, w * 1.3) for n, w in
+                                     tree_flatten(layer.trainable_parameters())]))
+    rng = np.random.default_rng(5)
+    pred, _ = fit_ridge(m, aux, pred, [rng.integers(3, 300, 17).tolist() for _ in range(4)])
+    tm = mirror_from_mlx(m)
+    taux, tpred, _ = mirror_pair(aux, pred, tm)
+    prompt = [5, 17, 200, 3, 99, 42, 7, 8]
+    _, logits, _ = KVPrediction(m, aux, pred).prefill(prompt)
+    theirs = TKVP(tm, taux, tpred)
+    _, tlogits, _ = theirs.prefill(prompt, cache=theirs.make_cache(64))
+    np.testing.assert_allclose(tlogits.numpy(), np.array(logits), atol=2e-4, rtol=2e-4)
