@@ -20,26 +20,13 @@ class AuxModel(_aux.AuxModel):
 def aux_to_torch(aux, tbase):
     """Mirror AuxModel of an MLX AuxModel made of `tbase`'s blocks (tbase: the mirror of the
     MLX base): the base's own blocks, except an artifact's trained copies (aux.safetensors),
-    which are mirrored with their weights (frozen; train them with requires_grad_)."""
-    import mlx.core as mx
-    import numpy as np
-    import torch
-
+    which are mirrored with their weights (frozen; view.train_copies(True) to train them)."""
     copied = getattr(aux.model, "copied", None)
     if not copied:
         return AuxModel(tbase, aux.layers, aux.kind)
     from edgeprefill.mirror.kvp.train import AuxView
 
     view = AuxView(tbase, copied)
-    params = {}
-    for k in copied:
-        params.update({f"layers.{k}.{n}": p for n, p in view.copies[str(k)].named_parameters()})
-    weights = aux.model.aux_weights()
-    if set(weights) != set(params):
-        diff = sorted(set(weights) ^ set(params))[:3]
-        raise ValueError(f"the aux copies' weights do not match the mirror's blocks: {diff}")
-    with torch.no_grad():
-        for name, w in weights.items():
-            params[name].copy_(torch.from_numpy(np.array(w.astype(mx.float32))))
+    view.load_aux_weights(aux.model.aux_weights())
     view.train_copies(False)
     return AuxModel(view, aux.layers, aux.kind)

@@ -58,6 +58,20 @@ class AuxView(torch.nn.Module):
         return {f"layers.{k}.{n}": p for k in self.copied
                 for n, p in self.copies[str(k)].state_dict().items()}
 
+    def load_aux_weights(self, weights):
+        """Load {'layers.<k>.<name>': array} (aux_weights' names, MLX or numpy arrays) into
+        the copies; refuses names that differ from the copies' own."""
+        import mlx.core as mx
+
+        mine = self.aux_weights()
+        if set(weights) != set(mine):
+            diff = sorted(set(weights) ^ set(mine))[:3]
+            raise ValueError(f"the aux copies' weights do not match the mirror's blocks: {diff}")
+        with torch.no_grad():
+            for name, w in weights.items():
+                w = np.array(w.astype(mx.float32)) if isinstance(w, mx.array) else np.asarray(w)
+                mine[name].copy_(torch.from_numpy(w))
+
 
 def trainable_aux(aux, layers=None):
     return AuxModel(AuxView(aux.model, aux.layers if layers is None else layers), aux.layers,
