@@ -28,6 +28,9 @@ def add_train_parser(ksub):
     t.add_argument("--aux-weight", type=float, default=1.0,
                    help="weight of the aux's own loss term (the paper: 1; 0 for an aux that "
                    "only feeds the predictor, like a truncated one)")
+    t.add_argument("--kv-weight", type=float, default=1.0,
+                   help="weight of the K/V consistency term, the L1 averaged over layers "
+                   "(the paper: 1)")
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--seq", type=int, default=256, help="tokens per training sequence")
@@ -38,15 +41,19 @@ def add_train_parser(ksub):
     t.add_argument("--warmup", type=int, default=20)
     t.add_argument("--tokens", type=int, default=300000,
                    help="fitting text to sample training windows from")
-    t.add_argument("--data", default="default", choices=["default", "wide"],
-                   help="fitting text: default (31 stdlib modules + prose) or wide (every "
-                   "stdlib module but the held-out ones, ~4M tokens of code)")
+    t.add_argument("--data", default="default", choices=["default", "wide", "site"],
+                   help="fitting text: default (31 stdlib modules + prose), wide (every "
+                   "stdlib module but the held-out ones, ~3M tokens of code) or site (wide "
+                   "plus the installed packages' sources and descriptions, up to --tokens)")
     t.add_argument("--ridge-tokens", type=int, default=30000)
     t.add_argument("--tail", type=int, default=1, help="exact tail recorded in the card")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--backend", default="mlx", choices=["mlx", "mirror"])
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="mirror backend device")
+    t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="mirror backend: bf16 runs the matmuls under bfloat16 autocast "
+                   "(float32 weights, norms, logits and losses); auto: bf16 on cuda, else fp32")
     t.add_argument("--checkpoint-every", type=int, default=50)
     t.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="stop (checkpoint and write the artifact) after this long")
@@ -64,8 +71,11 @@ def _check(args):
         raise EdgeprefillError("--steps and --batch must be >= 1, --seq >= 8, --lr > 0")
     if args.tokens < args.seq + 1:
         raise EdgeprefillError("--tokens must be larger than --seq")
-    if args.train_aux_layers < 0 or args.aux_weight < 0:
-        raise EdgeprefillError("--train-aux-layers and --aux-weight must be >= 0")
+    if args.train_aux_layers < 0 or args.aux_weight < 0 or args.kv_weight < 0:
+        raise EdgeprefillError("--train-aux-layers, --aux-weight and --kv-weight must be >= 0")
+    if args.precision != "auto" and args.backend != "mirror":
+        raise EdgeprefillError("--precision is for --backend mirror; the MLX trainer runs in "
+                               "the model's --dtype")
     if args.train_aux_layers and args.train_aux == "no":
         raise EdgeprefillError("--train-aux-layers trains aux blocks: drop --train-aux no")
 
@@ -76,7 +86,8 @@ def run_train(args):
 
     from apps.kvp import (build_predictor, builtin_refs, default_artifact_path, evaluate_refs,
                           make_kvp_strategy, resolve_source)
-    from edgeprefill.data import BUILTIN_PAIRS, FIT_DATA, WIDE_FIT_DATA, fit_chunks
+    from edgeprefill.data import (BUILTIN_PAIRS, FIT_DATA, SITE_FIT_DATA, WIDE_FIT_DATA,
+                                  fit_chunks)
     from edgeprefill.kvp.artifact import load_artifact, save_artifact
     from edgeprefill.kvp.aux import parse_aux_kind
     from edgeprefill.kvp.fit import fit_ridge
@@ -114,13 +125,14 @@ def run_train(args):
             task = bar.add_task(aux.kind, total=sum(len(c) for c in chunks))
             pred, _ = fit_ridge(base, aux, pred, chunks,
                                 progress=lambda d: bar.update(task, completed=d))
-    windows = fit_chunks(lm.tokenizer, args.tokens, args.seq + 1, wide=args.data == "wide")
+    windows = fit_chunks(lm.tokenizer, args.tokens, args.seq + 1, data=args.data)
     if len(windows) < 2:
         raise EdgeprefillError("too little fitting text for these --tokens/--seq")
 
     log_path = Path(str(out) + ".train.jsonl")
     hp = dict(batch=args.batch, steps=args.steps, lr=args.lr, warmup=args.warmup,
-              seed=args.seed, objective=args.objective, aux_weight=args.aux_weight)
+              seed=args.seed, objective=args.objective, aux_weight=args.aux_weight,
+              kv_weight=args.kv_weight)
     copies = aux.layers[-args.train_aux_layers:] if args.train_aux_layers else None
     if args.backend == "mlx":
         from edgeprefill.kvp.train import Trainer, trainable_aux
@@ -131,8 +143,10 @@ def run_train(args):
     else:
         from apps.kvp_mirror import mirror_trainer
 
-        trainer, t_aux = mirror_trainer(base, aux, pred, windows, train_aux, args.device, hp,
-                                        copies)
+        precision = (("bf16" if args.device == "cuda" else "fp32") if args.precision == "auto"
+                     else args.precision)
+        trainer, t_aux = mirror_trainer(base, aux, pred, windows, train_aux, args.device,
+                                        {**hp, "precision": precision}, copies)
     if args.resume:
         trainer.load_checkpoint(ckpt)
         console.print(f"resumed from {ckpt} at step {trainer.step}")
@@ -176,11 +190,14 @@ def run_train(args):
         quality["data"] = BUILTIN_PAIRS
     fit_info = {"method": "ridge+gradient" if not args.init else "gradient",
                 "backend": args.backend if args.backend == "mlx" else f"mirror-{args.device}",
+                **({"precision": trainer.precision} if args.backend == "mirror" else {}),
                 "steps": trainer.step, "batch": args.batch, "seq": args.seq, "lr": args.lr,
                 "tokens_seen": trainer.step * args.batch * args.seq,
                 "objective": args.objective, "train_aux": train_aux,
-                "aux_weight": args.aux_weight,
-                "data": WIDE_FIT_DATA if args.data == "wide" else FIT_DATA,
+                "aux_weight": args.aux_weight, "kv_weight": args.kv_weight,
+                "data": {"default": FIT_DATA, "wide": WIDE_FIT_DATA,
+                         "site": SITE_FIT_DATA}[args.data],
+                "data_tokens": len(windows) * (args.seq + 1),
                 "log": log_path.name}
     if args.init:  # what training continued from
         fit_info["init"] = {"artifact": Path(args.init).name, **{

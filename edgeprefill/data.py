@@ -6,6 +6,10 @@ Every Python install carries both:
   `help('assignment')` prints).
 Each source is split once into a FIT part and a HELD-OUT part (code by module, prose by topic),
 so evaluation and benchmark prompts are never text a predictor was fitted or trained on.
+
+For long gradient training there are two larger fitting sets: `wide` (every standard-library
+module but the held-out ones, about 3M tokens of code) and `site` (the wide set plus the Python
+sources and package descriptions of every installed package, tens of millions of tokens).
 """
 
 import json
@@ -32,26 +36,76 @@ BUILTIN_PAIRS = f"built-in held-out pairs ({STDLIB})"
 FIT_DATA = (f"code: {STDLIB} " + ",".join(FIT_MODULES)
             + "; prose: pydoc_data.topics (sorted topics, all but every 4th)")
 # The wide fitting set: every standard-library module but the held-out ones, their tests and
-# the packages that embed other copies of them (about 13 MB of source on Python 3.11).
+# the packages that embed other copies of them (about 10 MB of source on Python 3.11).
 WIDE_FIT_DATA = (f"code: {STDLIB} all *.py except " + ",".join(BENCH_MODULES)
-                 + ", test/, tests/, idlelib/, lib2to3/, site-packages/; prose: "
+                 + ", test/, tests/, idlelib/, lib2to3/, pydoc_data/, site-packages/; prose: "
                  "pydoc_data.topics (sorted topics, all but every 4th)")
-_WIDE_EXCLUDED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"}
+# pydoc_data holds the language reference's topic texts: the held-out prose comes from there.
+_WIDE_EXCLUDED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__",
+                       "pydoc_data"}
+
+
+def _held_out_name(stem):
+    """Whether a module name is (or embeds) a held-out one, e.g. test_argparse-like helpers."""
+    return any(Path(h).stem in stem for h in BENCH_MODULES)
 
 
 def wide_fit_modules():
     """Relative paths of every stdlib module in the wide fitting set, sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    held = {Path(m).stem for m in BENCH_MODULES}
     out = []
     for f in root.rglob("*.py"):
         rel = f.relative_to(root)
-        if _WIDE_EXCLUDED_DIRS & set(rel.parts[:-1]) or rel.stem in held:
-            continue
-        if any(h in rel.stem for h in held):  # e.g. test_argparse-like helpers elsewhere
-            continue
-        out.append(str(rel))
+        if not (_WIDE_EXCLUDED_DIRS & set(rel.parts[:-1]) or _held_out_name(rel.stem)):
+            out.append(str(rel))
     return sorted(out)
+
+
+# The site set: WIDE plus the installed packages' sources and descriptions (what is installed
+# differs between machines: the card names the Python and how many tokens the set held).
+SITE_FIT_DATA = (WIDE_FIT_DATA + "; plus code: every *.py under site-packages except "
+                 "edgeprefill, test/, tests/ and held-out module names (files in a fixed "
+                 "shuffled order, as many as the token budget takes); prose: the packages' "
+                 "descriptions (*.dist-info/METADATA bodies)")
+FIT_SETS = ("default", "wide", "site")
+
+
+def _site_roots():
+    """Where installed packages live: site-packages, and any sys.path folder holding installed
+    distributions (*.dist-info), e.g. a `pip install --target` folder on PYTHONPATH."""
+    import site
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    roots = {Path(sysconfig.get_paths()[k]) for k in ("purelib", "platlib")}
+    roots |= {Path(p) for p in site.getsitepackages()}
+    for p in sys.path:
+        d = Path(p or ".")
+        if d.is_dir() and d.resolve() != stdlib and next(d.glob("*.dist-info"), None):
+            roots.add(d)
+    return sorted({r.resolve() for r in roots if r.is_dir()})
+
+
+def site_fit_files():
+    """(code files, description files) of the installed packages, sorted, held-out names,
+    tests and edgeprefill itself excluded."""
+    code, prose = set(), set()
+    for root in _site_roots():
+        for f in root.rglob("*.py"):
+            parts = f.relative_to(root).parts
+            if (_WIDE_EXCLUDED_DIRS & set(parts[:-1]) or parts[0].startswith("edgeprefill")
+                    or _held_out_name(f.stem)):
+                continue
+            code.add(f)
+        prose |= {f for f in root.glob("*.dist-info/METADATA")
+                  if not f.parent.name.startswith("edgeprefill")}
+    return sorted(code), sorted(prose)
+
+
+def _metadata_body(text):
+    """The long description of a METADATA file (after the header block)."""
+    return text.partition("\n\n")[2].strip()
+
+
 HELDOUT_DATA = (f"code: {STDLIB} " + ",".join(BENCH_MODULES)
                 + "; prose: pydoc_data.topics (sorted topics, every 4th)")
 
@@ -84,11 +138,59 @@ def _interleave(a, b, chunk):
     return out
 
 
-def fit_chunks(tokenizer, n_tokens, chunk, wide=False):
+def encode_texts(tokenizer, texts):
+    """Token ids of each text (no special tokens), batched through the fast tokenizer (all
+    cores) where the tokenizer has one."""
+    texts = list(texts)
+    fast = getattr(tokenizer, "_tokenizer", None)
+    if not texts:
+        return []
+    if callable(fast):
+        try:
+            return list(fast(texts, add_special_tokens=False)["input_ids"])
+        except TypeError:
+            pass
+    return [list(tokenizer.encode(t)) for t in texts]
+
+
+def _site_code_ids(tokenizer, n_tokens):
+    """About n_tokens ids of site-packages code: files in a fixed shuffled order (seeded, so
+    every run on one machine reads the same ones) until the budget is met."""
+    import numpy as np
+
+    files, _ = site_fit_files()
+    order = np.random.default_rng(0).permutation(len(files))
+    texts, chars = [], 0
+    for n in order:  # ~3 characters per token in code; read a margin more
+        if chars >= 4 * n_tokens:
+            break
+        t = files[n].read_text(encoding="utf-8", errors="replace")
+        texts.append(t)
+        chars += len(t)
+    out = []
+    for ids in encode_texts(tokenizer, texts):
+        out += ids
+        if len(out) >= n_tokens:
+            break
+    return out[:n_tokens]
+
+
+def fit_chunks(tokenizer, n_tokens, chunk, data="default"):
     """`chunk`-token windows of fitting text, code and prose alternating, `n_tokens` in all
-    (fewer if the text runs out); `wide` draws code from WIDE_FIT_DATA instead of FIT_DATA."""
-    code = list(tokenizer.encode(stdlib_text(wide_fit_modules() if wide else FIT_MODULES)))
+    (fewer if the text runs out); `data`: one of FIT_SETS (default FIT_DATA, wide
+    WIDE_FIT_DATA, site SITE_FIT_DATA)."""
+    if data not in FIT_SETS:
+        raise ValueError(f"fitting set {data!r}: pick one of {', '.join(FIT_SETS)}")
+    code = list(tokenizer.encode(stdlib_text(wide_fit_modules() if data != "default"
+                                             else FIT_MODULES)))
     prose = list(tokenizer.encode(prose_text(heldout=False)))
+    if data == "site":
+        code += _site_code_ids(tokenizer, max(0, n_tokens - len(code) - len(prose)))
+        _, meta = site_fit_files()
+        bodies = [_metadata_body(f.read_text(encoding="utf-8", errors="replace"))
+                  for f in meta]
+        for ids in encode_texts(tokenizer, [b for b in bodies if b]):
+            prose += ids
     return _interleave(code, prose, chunk)[:max(1, n_tokens // chunk)]
 
 

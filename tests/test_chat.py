@@ -61,10 +61,11 @@ def test_ctrl_c_stops_a_reply_and_keeps_the_session(chat, cli_env):
     env = dict(cli_env, EDGEPREFILL_DECODE_DELAY_S="0.2")
     child = chat("--max-tokens", "200", env=env)
     child.sendline("tell me a long story")
-    child.expect("story\r\n")  # the echo; then give the reply a second to start streaming
+    child.expect("story\r\n")  # the echo
+    child.expect(r"[\s\S]")  # the reply streams (this tiny model's may be all newlines)
     import time
 
-    time.sleep(1.5)
+    time.sleep(0.5)
     child.sendintr()
     child.expect(r"reply stopped")
     child.expect("> ")

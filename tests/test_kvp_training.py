@@ -62,6 +62,50 @@ def test_mirror_loss_equals_mlx_loss(tiny_models):
                         torch.tensor(ids[:, :-1]), torch.tensor(ids[:, 1:]), "kl")
     for a, b in zip(got, want):  # distillation
         assert abs(a.item() - float(b)) < 1e-3 * max(1.0, abs(a.item()))
+    # aux weight 0 skips the aux's head on both sides: its term reads 0, the rest is unchanged
+    got0 = loss_terms(m, aux, pred, mx.array(ids[:, :-1]), mx.array(ids[:, 1:]), "kl", 0.0)
+    want0 = t_loss_terms(tm, TAux(tm, aux.layers, aux.kind), predictor_to_torch(pred),
+                         torch.tensor(ids[:, :-1]), torch.tensor(ids[:, 1:]), "kl", 0.0)
+    for a, b, full in zip(got0, want0, got):
+        assert abs(a.item() - float(b)) < 1e-3 * max(1.0, abs(a.item()))
+    assert got0[2].item() == 0 and abs(got0[1].item() - got[1].item()) < 1e-6
+    assert abs(got0[0].item() - (got[1] + got[3]).item()) < 1e-5
+    got_kv = loss_terms(m, aux, pred, mx.array(ids[:, :-1]), mx.array(ids[:, 1:]), "kl", 0.0,
+                        kv_weight=0.1)
+    want_kv = t_loss_terms(tm, TAux(tm, aux.layers, aux.kind), predictor_to_torch(pred),
+                           torch.tensor(ids[:, :-1]), torch.tensor(ids[:, 1:]), "kl", 0.0, 0.1)
+    for total in (got_kv[0].item(), float(want_kv[0])):
+        assert abs(total - (got[1] + 0.1 * got[3]).item()) < 1e-4
+
+
+def test_mirror_bf16_autocast_keeps_the_loss_and_its_gradient(tiny_models):
+    """--precision bf16 (matmuls under bfloat16 autocast, float32 logits and losses) gives the
+    float32 loss to bf16 accuracy and a gradient pointing the same way, on CPU here (CUDA on a
+    GPU machine)."""
+    from edgeprefill.mirror.kvp.aux import AuxModel as TAux
+    from edgeprefill.mirror.kvp.predictor import predictor_to_torch
+    from edgeprefill.mirror.kvp.train import Trainer
+    from edgeprefill.mirror.loading import mirror_from_mlx
+
+    m = load(str(tiny_models["llama"])).model
+    aux, _, _ = make_aux(m, "T-0.50")
+    pred = KVPredictor([0, 0, 1, 1], aux.kv_dim, m.n_kv_heads, m.head_dim)
+    windows = np.random.default_rng(2).integers(3, m.vocab_size, size=(8, 33)).tolist()
+    tm = mirror_from_mlx(m)
+    grads, losses = {}, {}
+    for prec in ("fp32", "bf16"):
+        tp = predictor_to_torch(pred)
+        t = Trainer(tm, TAux(tm, aux.layers, aux.kind), tp, windows, batch=4, lr=1e-9,
+                    warmup=1, objective="kl", aux_weight=0.0, precision=prec)
+        losses[prec] = t.train_step()
+        grads[prec] = torch.cat([p.grad.flatten() for p in tp.parameters()])
+    a, b = losses["fp32"], losses["bf16"]
+    assert a["aux"] == 0 == b["aux"]
+    assert abs(a["loss"] - b["loss"]) < 0.03 * a["loss"] and a["loss"] != b["loss"]
+    cos = torch.nn.functional.cosine_similarity(grads["fp32"], grads["bf16"], dim=0)
+    assert cos > 0.98
+    with pytest.raises(ValueError, match="precision"):
+        Trainer(tm, TAux(tm, aux.layers, aux.kind), tp, windows, precision="fp16")
 
 
 @pytest.mark.parametrize("kind,source", [("LP-0.50", "kv"), ("T-0.50", "hidden")])
@@ -152,20 +196,55 @@ def test_kvp_train_cli_mirror_then_generate(tiny_models, cli_env, tmp_path):
 
 
 def test_wide_fitting_set_never_contains_held_out_text():
+    """The wide set (every stdlib module but the held-out ones) holds no line of the held-out
+    text: in particular not the held-out language-reference topics, which pydoc_data/topics.py
+    stores as string literals (it was in the wide set before 2026-11-27)."""
+    import random
+    import sysconfig
     from pathlib import Path
 
-    from edgeprefill.data import BENCH_MODULES, FIT_MODULES, wide_fit_modules
+    from edgeprefill.data import (BENCH_MODULES, FIT_MODULES, prose_text, stdlib_text,
+                                  wide_fit_modules)
 
     wide = wide_fit_modules()
     held = {Path(m).stem for m in BENCH_MODULES}
     assert len(wide) > 5 * len(FIT_MODULES)
     assert not any(Path(m).stem in held or any(h in Path(m).stem for h in held) for m in wide)
-    assert not any(part in ("test", "tests", "idlelib", "lib2to3")
+    assert not any(part in ("test", "tests", "idlelib", "lib2to3", "pydoc_data")
                    for m in wide for part in Path(m).parts[:-1])
-    import sysconfig
-
     root = Path(sysconfig.get_paths()["stdlib"])
     assert {m for m in FIT_MODULES if (root / m).is_file()} <= set(wide)
+    text = "\n".join((root / m).read_text(encoding="utf-8", errors="replace") for m in wide)
+
+    def lines(t, n):  # distinctive lines: long, mostly letters, no quotes or escapes
+        return [x.strip() for x in t.splitlines() if len(x.strip()) >= n
+                and sum(c.isalpha() for c in x) >= 20 and not set("'\"\\") & set(x)]
+
+    prose = lines(prose_text(heldout=True), 50)
+    code = random.Random(0).sample(lines(stdlib_text(BENCH_MODULES), 60), 200)
+    assert len(prose) > 100
+    assert [x for x in prose + code if x in text] == []
+
+
+def test_site_fitting_set_reads_installed_packages_only(tiny_models):
+    """--data site: the wide set plus installed packages' sources (never edgeprefill, tests,
+    pydoc_data or held-out module names) and their METADATA descriptions."""
+    from pathlib import Path
+
+    from edgeprefill.data import _site_code_ids, fit_chunks, site_fit_files
+
+    code, meta = site_fit_files()
+    assert len(code) > 100 and meta
+    assert not any(p in ("tests", "test", "pydoc_data") for f in code for p in f.parts)
+    assert not any("edgeprefill" in f.parts[-2] or f.stem in ("argparse", "textwrap")
+                   for f in code)
+    assert all(f.name == "METADATA" and f.parent.name.endswith(".dist-info") for f in meta)
+    tok = load(str(tiny_models["llama"])).tokenizer
+    ids = _site_code_ids(tok, 3000)
+    assert len(ids) == 3000 and ids == _site_code_ids(tok, 3000)  # the same files every run
+    assert _site_code_ids(tok, 0) == []  # a budget the wide set already fills
+    with pytest.raises(ValueError, match="pick one of default, wide, site"):
+        fit_chunks(tok, 1000, 64, "everything")
 
 
 def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli_env, tmp_path):
@@ -201,6 +280,12 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
                         "--eval-pairs", "0", "--out", str(tmp_path / "x")], env=cli_env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "has only 2 blocks" in r.stderr
+    for bad, msg in ((["--precision", "bf16"], "--precision is for --backend mirror"),
+                     (["--kv-weight", "-1"], "--kv-weight must be >= 0")):
+        r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", "--model",
+                            lm.spec, "--out", str(tmp_path / "x")] + bad, env=cli_env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
     # continuing from the artifact (its copies and predictor): the card says from what
     r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", "--model", lm.spec,

@@ -95,14 +95,18 @@ def _kl(p_logits, q_logits):
     return (mx.exp(lp) * (lp - lq)).sum(axis=-1).mean()
 
 
-def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0):
+def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0,
+               kv_weight=1.0):
     """(total, base term, aux term, mean per-layer L1) for (B, L) inputs x and targets y.
 
     objective 'ce' is the paper's (cross-entropy on the text's next tokens); 'kl' distils the
     exact base instead (KL(base || replaced-KV base), KL(base || aux)): on a small corpus CE
     lets the predictor fine-tune the base onto the fitting text, KL only rewards reproducing it.
     aux_weight scales the aux's own term (the paper: 1; 0 when the aux is a feature extractor,
-    like a truncated aux, not a language model of its own).
+    like a truncated aux, not a language model of its own: then the aux's head is not run and
+    its term reads 0). kv_weight scales the consistency term (the paper: 1, i.e. the L1 averaged
+    over layers); with the KL objective the term mostly steers the direction of the update (its
+    gradient is far larger than the KL's), so a smaller weight lets training follow the KL.
     """
     h = base.embed(x)
     true = []
@@ -124,14 +128,17 @@ def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0):
         l1 = l1 + mx.abs(k_cmp - tk).mean() + mx.abs(v - tv).mean()
         hb = base.block(i, hb, replace_kv=(k.astype(hb.dtype), v.astype(hb.dtype))).h
     logits = base.head(hb).astype(mx.float32)
-    aux_logits = aux.logits(aux_out.h).astype(mx.float32)
     if objective == "kl":
-        t_base, t_aux = _kl(exact, logits), _kl(exact, aux_logits)
+        t_base = _kl(exact, logits)
     else:
         t_base = nn.losses.cross_entropy(logits, y).mean()
-        t_aux = nn.losses.cross_entropy(aux_logits, y).mean()
+    t_aux = mx.array(0.0)
+    if aux_weight:  # the aux's own head: skipped when its term weighs nothing
+        aux_logits = aux.logits(aux_out.h).astype(mx.float32)
+        t_aux = (_kl(exact, aux_logits) if objective == "kl"
+                 else nn.losses.cross_entropy(aux_logits, y).mean())
     l1 = l1 / base.n_layers
-    return t_base + aux_weight * t_aux + l1, t_base, t_aux, l1
+    return t_base + aux_weight * t_aux + kv_weight * l1, t_base, t_aux, l1
 
 
 def lr_schedule(lr, steps, warmup):
@@ -151,13 +158,15 @@ class Trainer:
         windows: list of token-id lists of length seq + 1.
         batch, steps, lr, warmup, weight_decay, clip: the optimization.
         seed: batch sampling seed.
+        objective, aux_weight, kv_weight: as loss_terms.
     """
 
     def __init__(self, base, aux, predictor, windows, batch=8, steps=200, lr=3e-4, warmup=20,
-                 weight_decay=0.1, clip=1.0, seed=0, objective="ce", aux_weight=1.0):
+                 weight_decay=0.1, clip=1.0, seed=0, objective="ce", aux_weight=1.0,
+                 kv_weight=1.0):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        self.objective, self.aux_weight = objective, aux_weight
+        self.objective, self.aux_weight, self.kv_weight = objective, aux_weight, kv_weight
         self.base, self.aux, self.predictor = base, aux, predictor
         self.data = np.array(windows, dtype=np.int32)
         self.batch, self.steps, self.clip, self.seed = batch, steps, clip, seed
@@ -169,7 +178,7 @@ class Trainer:
 
     def _loss(self, x, y):
         return loss_terms(self.base, self.aux, self.predictor, x, y, self.objective,
-                          self.aux_weight)
+                          self.aux_weight, self.kv_weight)
 
     def batch_at(self, step):
         rng = np.random.default_rng((self.seed, step))

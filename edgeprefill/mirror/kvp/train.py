@@ -84,8 +84,17 @@ def _kl(p_logits, q_logits):
     return (lp.exp() * (lp - lq)).sum(-1).mean()
 
 
-def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0):
-    """(total, base term, aux term, mean per-layer L1), as the MLX loss_terms."""
+def _head32(head, h):
+    """Logits in float32 even under bf16 autocast: a KL of ~0.1 between two bf16 logit
+    vectors (steps of 1/16 at |logit| 16) would be mostly rounding."""
+    with torch.autocast(h.device.type, enabled=False):
+        return head(h.float()).float()
+
+
+def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0,
+               kv_weight=1.0):
+    """(total, base term, aux term, mean per-layer L1), as the MLX loss_terms (the aux's head
+    is skipped when aux_weight is 0)."""
     with torch.no_grad():
         h = base.embed(x)
         true = []
@@ -93,7 +102,7 @@ def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0):
             out = base.block(i, h)
             h = out.h
             true.append((out.keys, out.values))
-        exact = base.head(h).float() if objective == "kl" else None
+        exact = _head32(base.head, h) if objective == "kl" else None
     aux_out = aux.forward(x, None, predictor.hidden_layers())
     hb = base.embed(x)
     l1 = 0.0
@@ -107,14 +116,18 @@ def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0):
         l1 = l1 + (k_cmp.float() - tk.float()).abs().mean() + (v.float() - tv.float()).abs().mean()
         hb = base.block(i, hb, replace_kv=(k.to(hb.dtype), v.to(hb.dtype))).h
     V = base.vocab_size
-    logits, aux_logits = base.head(hb).float(), aux.logits(aux_out.h).float()
+    logits = _head32(base.head, hb)
     if objective == "kl":
-        t_base, t_aux = _kl(exact, logits), _kl(exact, aux_logits)
+        t_base = _kl(exact, logits)
     else:
         t_base = F.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
-        t_aux = F.cross_entropy(aux_logits.reshape(-1, V), y.reshape(-1))
+    t_aux = torch.zeros((), device=logits.device)
+    if aux_weight:
+        aux_logits = _head32(aux.logits, aux_out.h)
+        t_aux = (_kl(exact, aux_logits) if objective == "kl"
+                 else F.cross_entropy(aux_logits.reshape(-1, V), y.reshape(-1)))
     l1 = l1 / base.n_layers
-    return t_base + aux_weight * t_aux + l1, t_base, t_aux, l1
+    return t_base + aux_weight * t_aux + kv_weight * l1, t_base, t_aux, l1
 
 
 def lr_at(step, lr, steps, warmup):
@@ -126,13 +139,23 @@ def lr_at(step, lr, steps, warmup):
     return lr / 10 + (lr - lr / 10) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+# fp32: everything in float32 (TF32 matmuls on a GPU); bf16: matmuls of the frozen base, the aux
+# and the predictor under bfloat16 autocast, with float32 parameters, residual stream, norms,
+# RoPE, logits and losses.
+PRECISIONS = ("fp32", "bf16")
+
+
 class Trainer:
-    """Arguments as edgeprefill.kvp.train.Trainer; tensors live on `device`."""
+    """Arguments as edgeprefill.kvp.train.Trainer; tensors live on `device`; `precision`: one of
+    PRECISIONS."""
 
     def __init__(self, base, aux, predictor, windows, batch=8, steps=200, lr=3e-4, warmup=20,
                  weight_decay=0.1, clip=1.0, seed=0, device="cpu", objective="ce",
-                 aux_weight=1.0):
-        self.objective, self.aux_weight = objective, aux_weight
+                 aux_weight=1.0, kv_weight=1.0, precision="fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.objective, self.aux_weight, self.precision = objective, aux_weight, precision
+        self.kv_weight = kv_weight
         self.base, self.aux, self.predictor = base, aux, predictor
         for p in base.parameters():
             p.requires_grad_(False)
@@ -156,8 +179,10 @@ class Trainer:
         x, y = self.batch_at(self.step)
         for g in self.opt.param_groups:
             g["lr"] = lr_at(self.step, self.lr, self.steps, self.warmup)
-        total, t_base, t_aux, l1 = loss_terms(self.base, self.aux, self.predictor, x, y,
-                                              self.objective, self.aux_weight)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16,
+                            enabled=self.precision == "bf16"):
+            total, t_base, t_aux, l1 = loss_terms(self.base, self.aux, self.predictor, x, y,
+                                                  self.objective, self.aux_weight, self.kv_weight)
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)

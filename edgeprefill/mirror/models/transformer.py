@@ -269,9 +269,12 @@ class Transformer(nn.Module):
             keys = torch.cat([prefix_kv[0], keys], dim=2)
             values = torch.cat([prefix_kv[1], values], dim=2)
         S = keys.shape[2]
-        if mask is None and L > 1:
+        # a whole causal sequence needs no mask tensor: is_causal lets SDPA pick a fused kernel
+        is_causal = mask is None and L > 1 and S == L
+        if mask is None and L > 1 and not is_causal:
             mask = causal_mask(L, S, h.device)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale,
+                                             is_causal=is_causal,
                                              enable_gqa=self.n_heads != self.n_kv_heads)
         h = h + attn.o_proj(out.transpose(1, 2).reshape(B, L, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
