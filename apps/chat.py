@@ -339,6 +339,12 @@ def run(args):
         text = read_prompt(args.prompt if args.prompt is not None else "-")
         if not text.strip():
             raise EdgeprefillError("the prompt is empty: pass --prompt TEXT or pipe text in")
+    if not one_shot:
+        # Ctrl-C stops a reply: restore Python's handler even if whatever started us ignored
+        # SIGINT (a child inherits that, and Python then leaves Ctrl-C ignored)
+        import signal
+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     lm = load(args.model, dtype=args.dtype)
     session = Session(lm, args, console)
     try:

@@ -12,11 +12,11 @@ PROMPT = "\r\n> "
 
 @pytest.fixture
 def chat(tiny_models, cli_env):
-    def spawn(*extra, env=None):
+    def spawn(*extra, env=None, preexec_fn=None):
         child = pexpect.spawn(sys.executable, ["-m", "apps.cli", "chat", "--model",
                                                str(tiny_models["llama"]), "--max-tokens", "6",
                                                *extra], env=env or cli_env, encoding="utf-8",
-                              timeout=120, dimensions=(40, 200))
+                              timeout=120, dimensions=(40, 200), preexec_fn=preexec_fn)
         child.expect("edgeprefill chat")
         child.expect("> ")
         return child
@@ -57,9 +57,19 @@ def test_two_turns_reuse_the_cache_strategy_switch_and_reset(chat):
     assert child.exitstatus == 0
 
 
-def test_ctrl_c_stops_a_reply_and_keeps_the_session(chat, cli_env):
+def _ignore_sigint():
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("started_ignoring_sigint", [False, True])
+def test_ctrl_c_stops_a_reply_and_keeps_the_session(chat, cli_env, started_ignoring_sigint):
+    """Also when whatever started the chat ignored SIGINT (a pytest-xdist worker does; Python
+    keeps an inherited SIG_IGN): the chat restores Ctrl-C itself."""
     env = dict(cli_env, EDGEPREFILL_DECODE_DELAY_S="0.2")
-    child = chat("--max-tokens", "200", env=env)
+    child = chat("--max-tokens", "200", env=env,
+                 preexec_fn=_ignore_sigint if started_ignoring_sigint else None)
     child.sendline("tell me a long story")
     child.expect("story\r\n")  # the echo
     child.expect(r"[\s\S]")  # the reply streams (this tiny model's may be all newlines)
