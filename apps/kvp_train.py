@@ -31,6 +31,10 @@ def add_train_parser(ksub):
     t.add_argument("--kv-weight", type=float, default=1.0,
                    help="weight of the K/V consistency term, the L1 averaged over layers "
                    "(the paper: 1)")
+    t.add_argument("--self-kv", default="exact", choices=["exact", "predicted"],
+                   help="what each position attends to at its own position in training: its "
+                   "own exact K/V, as the prompt's last token does at inference (default), or "
+                   "its predicted K/V (the paper)")
     t.add_argument("--steps", type=int, default=200)
     t.add_argument("--batch", type=int, default=8)
     t.add_argument("--seq", type=int, default=256, help="tokens per training sequence")
@@ -132,7 +136,7 @@ def run_train(args):
     log_path = Path(str(out) + ".train.jsonl")
     hp = dict(batch=args.batch, steps=args.steps, lr=args.lr, warmup=args.warmup,
               seed=args.seed, objective=args.objective, aux_weight=args.aux_weight,
-              kv_weight=args.kv_weight)
+              kv_weight=args.kv_weight, self_kv=args.self_kv)
     copies = aux.layers[-args.train_aux_layers:] if args.train_aux_layers else None
     if args.backend == "mlx":
         from edgeprefill.kvp.train import Trainer, trainable_aux
@@ -195,6 +199,7 @@ def run_train(args):
                 "tokens_seen": trainer.step * args.batch * args.seq,
                 "objective": args.objective, "train_aux": train_aux,
                 "aux_weight": args.aux_weight, "kv_weight": args.kv_weight,
+                "self_kv": args.self_kv,
                 "data": {"default": FIT_DATA, "wide": WIDE_FIT_DATA,
                          "site": SITE_FIT_DATA}[args.data],
                 "data_tokens": len(windows) * (args.seq + 1),

@@ -78,6 +78,51 @@ def test_mirror_loss_equals_mlx_loss(tiny_models):
         assert abs(total - (got[1] + 0.1 * got[3]).item()) < 1e-4
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_self_kv_exact_is_what_inference_computes(tiny_models, family):
+    """With self_kv 'exact' the training forward at position t is what KV Prediction computes
+    for a prompt ending at t (predicted K/V before it, its own exact K/V): the last position's
+    logits equal the kvp strategy's first-token logits, where 'predicted' (the paper: every K/V
+    replaced, the query's own too) differs; the identity pair stays exact; MLX and the mirror
+    agree on the loss."""
+    from apps.kvp import build_predictor
+    from edgeprefill.kvp.fit import fit_ridge
+    from edgeprefill.kvp.train import loss_terms, replaced_block, self_exact_mask
+    from edgeprefill.mirror.kvp.aux import AuxModel as TAux
+    from edgeprefill.mirror.kvp.predictor import predictor_to_torch
+    from edgeprefill.mirror.kvp.train import loss_terms as t_loss_terms
+    from edgeprefill.mirror.loading import mirror_from_mlx
+
+    m = load(str(tiny_models[family])).model
+    aux, pred = build_predictor(m, "T-0.50", "hidden2")
+    rng = np.random.default_rng(5)
+    pred, _ = fit_ridge(m, aux, pred, [rng.integers(3, 300, 24).tolist() for _ in range(3)])
+    ids = rng.integers(3, m.vocab_size, size=13).tolist()
+    _, want, _ = KVPrediction(m, aux, pred).prefill(ids)
+    x = mx.array([ids])
+    kv = {i: (k, v) for i, k, v in pred.base_kv(aux.forward(x, None, pred.hidden_layers()))}
+    got = {}
+    for name, mask in (("exact", self_exact_mask(len(ids))), ("predicted", None)):
+        h = m.embed(x)
+        for i in range(m.n_layers):
+            h = replaced_block(m, i, h, *kv[i], mask)
+        got[name] = np.array(m.head(h)[0, -1])
+    np.testing.assert_allclose(got["exact"], np.array(want).reshape(-1), atol=1e-4, rtol=1e-4)
+    assert np.abs(got["predicted"] - got["exact"]).max() > 1e-3
+    y = mx.array([ids[1:] + [3]])
+    _, kl_id, _, _ = loss_terms(m, *_identity(m), x, y, "kl", self_kv="exact")
+    assert kl_id.item() < 1e-5
+    a = loss_terms(m, aux, pred, x, y, "kl", 0.0, 0.1, "exact")
+    tm = mirror_from_mlx(m)
+    b = t_loss_terms(tm, TAux(tm, aux.layers, aux.kind), predictor_to_torch(pred),
+                     torch.tensor(np.array(x)), torch.tensor(np.array(y)), "kl", 0.0, 0.1,
+                     "exact")
+    for u, w in zip(a, b):
+        assert abs(u.item() - float(w)) < 1e-3 * max(1.0, abs(u.item()))
+    p = loss_terms(m, aux, pred, x, y, "kl", 0.0, 0.1)
+    assert abs(p[1].item() - a[1].item()) > 1e-6 and abs(p[3].item() - a[3].item()) < 1e-6
+
+
 def test_mirror_bf16_autocast_keeps_the_loss_and_its_gradient(tiny_models):
     """--precision bf16 (matmuls under bfloat16 autocast, float32 logits and losses) gives the
     float32 loss to bf16 accuracy and a gradient pointing the same way, on CPU here (CUDA on a
@@ -260,11 +305,12 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
                         "--aux", "T-0.50", "--train-aux-layers", "1", "--aux-weight", "0",
                         "--steps", "3", "--batch", "2", "--seq", "16", "--tokens", "400",
                         "--ridge-tokens", "300", "--backend", "mirror", "--eval-pairs", "0",
-                        "--out", str(art)], env=cli_env, capture_output=True, text=True,
-                       timeout=600)
+                        "--out", str(art)], env=cli_env,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     card = json.loads((art / "card.json").read_text())
     assert card["aux"]["trained_layers"] == [1] and card["fit"]["aux_weight"] == 0
+    assert card["fit"]["self_kv"] == "exact" and card["fit"]["kv_weight"] == 1.0  # defaults
     assert {k.split(".")[1] for k in mx.load(str(art / "aux.safetensors"))} == {"1"}
     kvp = make_strategy("kvp", lm.model, artifact=art)
     assert kvp.aux.model.copied == [1]
@@ -290,13 +336,14 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
     # continuing from the artifact (its copies and predictor): the card says from what
     r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", "--model", lm.spec,
                         "--aux", "T-0.50", "--init", str(art), "--aux-weight", "0",
-                        "--steps", "1", "--batch", "2", "--seq", "16", "--tokens", "400",
+                        "--self-kv", "predicted", "--steps", "1", "--batch", "2", "--seq", "16", "--tokens", "400",
                         "--backend", "mirror", "--eval-pairs", "0", "--out",
                         str(tmp_path / "art2")], env=cli_env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr
     card2 = json.loads((tmp_path / "art2" / "card.json").read_text())
     assert card2["aux"]["trained_layers"] == [1] and card2["fit"]["method"] == "gradient"
+    assert card2["fit"]["self_kv"] == "predicted"
     assert card2["fit"]["init"] == {"artifact": "art", "method": "ridge+gradient", "steps": 3,
                                     "data": card["fit"]["data"]}
 

@@ -86,6 +86,27 @@ class Trainable(nn.Module):
 
 
 OBJECTIVES = ("ce", "kl")
+# What each position's query sees at its own position in the replaced-K/V run: 'predicted' (the
+# paper: every K/V replaced) or 'exact' (its own K/V from its own hidden state, the predictions
+# at earlier positions only), which is what inference does for the prompt's last token.
+# Functions default to the paper's; `kvp train` defaults to 'exact', which trained better pairs.
+SELF_KV = ("predicted", "exact")
+
+
+def self_exact_mask(L):
+    """(L, 2L) bool: query t sees predicted keys 0..t-1 (a prefix) and its own key t."""
+    return mx.concatenate([mx.tril(mx.ones((L, L), dtype=mx.bool_), k=-1),
+                           mx.eye(L, dtype=mx.bool_)], axis=1)
+
+
+def replaced_block(base, i, h, k, v, mask=None):
+    """Base block i over h with its K/V replaced by the predictions (k, v) pre-RoPE; with
+    `mask` (self_exact_mask) each query attends to its own exact K/V instead of its
+    prediction."""
+    k, v = k.astype(h.dtype), v.astype(h.dtype)
+    if mask is None:
+        return base.block(i, h, replace_kv=(k, v)).h
+    return base.block(i, h, prefix_kv=(base.rotate_keys(i, k), v), mask=mask).h
 
 
 def _kl(p_logits, q_logits):
@@ -96,7 +117,7 @@ def _kl(p_logits, q_logits):
 
 
 def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0,
-               kv_weight=1.0):
+               kv_weight=1.0, self_kv="predicted"):
     """(total, base term, aux term, mean per-layer L1) for (B, L) inputs x and targets y.
 
     objective 'ce' is the paper's (cross-entropy on the text's next tokens); 'kl' distils the
@@ -107,6 +128,7 @@ def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0,
     its term reads 0). kv_weight scales the consistency term (the paper: 1, i.e. the L1 averaged
     over layers); with the KL objective the term mostly steers the direction of the update (its
     gradient is far larger than the KL's), so a smaller weight lets training follow the KL.
+    self_kv: one of SELF_KV.
     """
     h = base.embed(x)
     true = []
@@ -117,6 +139,7 @@ def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0,
     exact = mx.stop_gradient(base.head(h).astype(mx.float32)) if objective == "kl" else None
     aux_out = aux.forward(x, None, predictor.hidden_layers())
     hb = base.embed(x)
+    mask = self_exact_mask(x.shape[1]) if self_kv == "exact" else None
     l1 = 0.0
     for i, k, v in predictor.base_kv(aux_out):
         tk, tv = true[i]
@@ -126,7 +149,7 @@ def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0,
         else:
             k_cmp = k
         l1 = l1 + mx.abs(k_cmp - tk).mean() + mx.abs(v - tv).mean()
-        hb = base.block(i, hb, replace_kv=(k.astype(hb.dtype), v.astype(hb.dtype))).h
+        hb = replaced_block(base, i, hb, k, v, mask)
     logits = base.head(hb).astype(mx.float32)
     if objective == "kl":
         t_base = _kl(exact, logits)
@@ -158,15 +181,18 @@ class Trainer:
         windows: list of token-id lists of length seq + 1.
         batch, steps, lr, warmup, weight_decay, clip: the optimization.
         seed: batch sampling seed.
-        objective, aux_weight, kv_weight: as loss_terms.
+        objective, aux_weight, kv_weight, self_kv: as loss_terms.
     """
 
     def __init__(self, base, aux, predictor, windows, batch=8, steps=200, lr=3e-4, warmup=20,
                  weight_decay=0.1, clip=1.0, seed=0, objective="ce", aux_weight=1.0,
-                 kv_weight=1.0):
+                 kv_weight=1.0, self_kv="predicted"):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if self_kv not in SELF_KV:
+            raise ValueError(f"self_kv must be one of {SELF_KV}, got {self_kv!r}")
         self.objective, self.aux_weight, self.kv_weight = objective, aux_weight, kv_weight
+        self.self_kv = self_kv
         self.base, self.aux, self.predictor = base, aux, predictor
         self.data = np.array(windows, dtype=np.int32)
         self.batch, self.steps, self.clip, self.seed = batch, steps, clip, seed
@@ -178,7 +204,7 @@ class Trainer:
 
     def _loss(self, x, y):
         return loss_terms(self.base, self.aux, self.predictor, x, y, self.objective,
-                          self.aux_weight, self.kv_weight)
+                          self.aux_weight, self.kv_weight, self.self_kv)
 
     def batch_at(self, step):
         rng = np.random.default_rng((self.seed, step))

@@ -84,6 +84,20 @@ def _kl(p_logits, q_logits):
     return (lp.exp() * (lp - lq)).sum(-1).mean()
 
 
+def self_exact_mask(L, device):
+    """As edgeprefill.kvp.train.self_exact_mask."""
+    tri = torch.tril(torch.ones(L, L, dtype=torch.bool, device=device), diagonal=-1)
+    return torch.cat([tri, torch.eye(L, dtype=torch.bool, device=device)], dim=1)
+
+
+def replaced_block(base, i, h, k, v, mask=None):
+    """As edgeprefill.kvp.train.replaced_block."""
+    k, v = k.to(h.dtype), v.to(h.dtype)
+    if mask is None:
+        return base.block(i, h, replace_kv=(k, v)).h
+    return base.block(i, h, prefix_kv=(base.rotate_keys(i, k), v), mask=mask).h
+
+
 def _head32(head, h):
     """Logits in float32 even under bf16 autocast: a KL of ~0.1 between two bf16 logit
     vectors (steps of 1/16 at |logit| 16) would be mostly rounding."""
@@ -92,7 +106,7 @@ def _head32(head, h):
 
 
 def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0,
-               kv_weight=1.0):
+               kv_weight=1.0, self_kv="predicted"):
     """(total, base term, aux term, mean per-layer L1), as the MLX loss_terms (the aux's head
     is skipped when aux_weight is 0)."""
     with torch.no_grad():
@@ -105,6 +119,7 @@ def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0,
         exact = _head32(base.head, h) if objective == "kl" else None
     aux_out = aux.forward(x, None, predictor.hidden_layers())
     hb = base.embed(x)
+    mask = self_exact_mask(x.shape[1], x.device) if self_kv == "exact" else None
     l1 = 0.0
     for i, k, v in predictor.base_kv(aux_out):
         tk, tv = true[i]
@@ -114,7 +129,7 @@ def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0,
         else:
             k_cmp = k
         l1 = l1 + (k_cmp.float() - tk.float()).abs().mean() + (v.float() - tv.float()).abs().mean()
-        hb = base.block(i, hb, replace_kv=(k.to(hb.dtype), v.to(hb.dtype))).h
+        hb = replaced_block(base, i, hb, k, v, mask)
     V = base.vocab_size
     logits = _head32(base.head, hb)
     if objective == "kl":
@@ -151,9 +166,14 @@ class Trainer:
 
     def __init__(self, base, aux, predictor, windows, batch=8, steps=200, lr=3e-4, warmup=20,
                  weight_decay=0.1, clip=1.0, seed=0, device="cpu", objective="ce",
-                 aux_weight=1.0, kv_weight=1.0, precision="fp32"):
+                 aux_weight=1.0, kv_weight=1.0, precision="fp32", self_kv="predicted"):
+        from edgeprefill.kvp.train import SELF_KV
+
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if self_kv not in SELF_KV:
+            raise ValueError(f"self_kv must be one of {SELF_KV}, got {self_kv!r}")
+        self.self_kv = self_kv
         self.objective, self.aux_weight, self.precision = objective, aux_weight, precision
         self.kv_weight = kv_weight
         self.base, self.aux, self.predictor = base, aux, predictor
@@ -182,7 +202,8 @@ class Trainer:
         with torch.autocast(x.device.type, dtype=torch.bfloat16,
                             enabled=self.precision == "bf16"):
             total, t_base, t_aux, l1 = loss_terms(self.base, self.aux, self.predictor, x, y,
-                                                  self.objective, self.aux_weight, self.kv_weight)
+                                                  self.objective, self.aux_weight, self.kv_weight,
+                                                  self.self_kv)
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
