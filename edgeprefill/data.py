@@ -153,12 +153,13 @@ def encode_texts(tokenizer, texts):
     return [list(tokenizer.encode(t)) for t in texts]
 
 
-def _site_code_ids(tokenizer, n_tokens):
-    """About n_tokens ids of site-packages code: files in a fixed shuffled order (seeded, so
-    every run on one machine reads the same ones) until the budget is met."""
+def _site_code_ids(tokenizer, n_tokens, files=None):
+    """About n_tokens ids of site-packages code (`files`: site_fit_files()'s code files, found
+    here if not given): files in a fixed shuffled order (seeded, so every run on one machine
+    reads the same ones) until the budget is met."""
     import numpy as np
 
-    files, _ = site_fit_files()
+    files = site_fit_files()[0] if files is None else files
     order = np.random.default_rng(0).permutation(len(files))
     texts, chars = [], 0
     for n in order:  # ~3 characters per token in code; read a margin more
@@ -185,8 +186,8 @@ def fit_chunks(tokenizer, n_tokens, chunk, data="default"):
                                              else FIT_MODULES)))
     prose = list(tokenizer.encode(prose_text(heldout=False)))
     if data == "site":
-        code += _site_code_ids(tokenizer, max(0, n_tokens - len(code) - len(prose)))
-        _, meta = site_fit_files()
+        files, meta = site_fit_files()  # one walk of site-packages for both
+        code += _site_code_ids(tokenizer, max(0, n_tokens - len(code) - len(prose)), files)
         bodies = [_metadata_body(f.read_text(encoding="utf-8", errors="replace"))
                   for f in meta]
         for ids in encode_texts(tokenizer, [b for b in bodies if b]):
