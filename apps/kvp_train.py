@@ -95,7 +95,7 @@ def run_train(args):
     from edgeprefill.kvp.artifact import load_artifact, save_artifact
     from edgeprefill.kvp.aux import parse_aux_kind
     from edgeprefill.kvp.fit import fit_ridge
-    from edgeprefill.loading import load
+    from edgeprefill.loading import cache_dir, load
 
     _check(args)
     kind, _ = parse_aux_kind(args.aux)
@@ -129,7 +129,10 @@ def run_train(args):
             task = bar.add_task(aux.kind, total=sum(len(c) for c in chunks))
             pred, _ = fit_ridge(base, aux, pred, chunks,
                                 progress=lambda d: bar.update(task, completed=d))
-    windows = fit_chunks(lm.tokenizer, args.tokens, args.seq + 1, data=args.data)
+    with console.status(f"fitting text: {args.tokens} tokens of the {args.data} set "
+                        "(tokenized once, then read from the cache)"):
+        windows = fit_chunks(lm.tokenizer, args.tokens, args.seq + 1, data=args.data,
+                             cache=cache_dir() / "data")
     if len(windows) < 2:
         raise EdgeprefillError("too little fitting text for these --tokens/--seq")
 

@@ -176,23 +176,58 @@ def _site_code_ids(tokenizer, n_tokens, files=None):
     return out[:n_tokens]
 
 
-def fit_chunks(tokenizer, n_tokens, chunk, data="default"):
+def fit_chunks(tokenizer, n_tokens, chunk, data="default", cache=None):
     """`chunk`-token windows of fitting text, code and prose alternating, `n_tokens` in all
     (fewer if the text runs out); `data`: one of FIT_SETS (default FIT_DATA, wide
-    WIDE_FIT_DATA, site SITE_FIT_DATA)."""
+    WIDE_FIT_DATA, site SITE_FIT_DATA). With `cache` (a folder) the windows are kept there as
+    an (n, chunk) int32 .npy keyed by everything they depend on (set, budget, window, tokenizer,
+    Python, and for `site` the installed files), so a resumed or repeated run skips the
+    tokenizing (minutes for the site set); then an (n, chunk) array is returned."""
     if data not in FIT_SETS:
         raise ValueError(f"fitting set {data!r}: pick one of {', '.join(FIT_SETS)}")
+    site = site_fit_files() if data == "site" else None  # one walk of site-packages for all
+    path = None
+    if cache is not None:
+        import numpy as np
+
+        path = Path(cache) / f"fit-{data}-{n_tokens}x{chunk}-{_chunks_key(tokenizer, site)}.npy"
+        if path.is_file():
+            return np.load(path)
     code = list(tokenizer.encode(stdlib_text(wide_fit_modules() if data != "default"
                                              else FIT_MODULES)))
     prose = list(tokenizer.encode(prose_text(heldout=False)))
-    if data == "site":
-        files, meta = site_fit_files()  # one walk of site-packages for both
+    if site is not None:
+        files, meta = site
         code += _site_code_ids(tokenizer, max(0, n_tokens - len(code) - len(prose)), files)
         bodies = [_metadata_body(f.read_text(encoding="utf-8", errors="replace"))
                   for f in meta]
         for ids in encode_texts(tokenizer, [b for b in bodies if b]):
             prose += ids
-    return _interleave(code, prose, chunk)[:max(1, n_tokens // chunk)]
+    out = _interleave(code, prose, chunk)[:max(1, n_tokens // chunk)]
+    if path is None:
+        return out
+    import numpy as np
+
+    from edgeprefill.fsio import atomic_save_npy
+
+    arr = np.asarray(out, dtype=np.int32).reshape(len(out), chunk)
+    atomic_save_npy(path, arr)
+    return arr
+
+
+def _chunks_key(tokenizer, site):
+    """Hex digest of what fitting windows depend on beyond their set and size: the tokenizer
+    (vocabulary size and how it splits a probe), the Python and its standard library, and for
+    the site set every installed file's path, size and modification time."""
+    import hashlib
+
+    probe = "def f(x):\n    return x ** 2  # ünïcode 東京 123\nThe quick brown fox."
+    h = hashlib.sha256(repr((getattr(tokenizer, "vocab_size", None), list(tokenizer.encode(probe)),
+                             sys.version, sysconfig.get_paths()["stdlib"])).encode())
+    for f in (site[0] + site[1]) if site else ():
+        st = f.stat()
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def heldout_tokens(tokenizer):

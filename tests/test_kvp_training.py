@@ -292,6 +292,36 @@ def test_site_fitting_set_reads_installed_packages_only(tiny_models):
         fit_chunks(tok, 1000, 64, "everything")
 
 
+def test_fitting_windows_are_cached_and_keyed_by_what_they_depend_on(tiny_models, tmp_path):
+    """fit_chunks(cache=folder) tokenizes once: a second call with the same set, budget and
+    tokenizer reads the .npy back (the same windows) without encoding anything; another
+    budget, window or tokenizer is another entry."""
+    from edgeprefill.data import fit_chunks
+
+    tok = load(str(tiny_models["llama"])).tokenizer
+    plain = fit_chunks(tok, 2000, 65, "default")
+    first = fit_chunks(tok, 2000, 65, "default", cache=tmp_path)
+    assert first.dtype == np.int32 and first.tolist() == plain
+    assert [f.suffix for f in tmp_path.iterdir()] == [".npy"]  # no temporary file left
+
+    class Counting:  # the same tokenizer, counting its encode calls
+        def __init__(self, t):
+            self.t, self.vocab_size, self.calls = t, t.vocab_size, 0
+
+        def encode(self, text):
+            self.calls += 1
+            return self.t.encode(text)
+
+    counting = Counting(tok)
+    again = fit_chunks(counting, 2000, 65, "default", cache=tmp_path)
+    assert counting.calls == 1 and np.array_equal(again, first)  # the key's probe only
+    assert len(fit_chunks(tok, 2000, 33, "default", cache=tmp_path)[0]) == 33
+    shifted = Counting(tok)  # a tokenizer that splits text differently: its own entry
+    shifted.encode = lambda text: [i + 1 for i in tok.encode(text)]
+    moved = fit_chunks(shifted, 2000, 65, "default", cache=tmp_path)
+    assert len(list(tmp_path.glob("*.npy"))) == 3 and moved[0][0] == first[0][0] + 1
+
+
 def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli_env, tmp_path):
     """--train-aux-layers K copies and trains only the aux's last K blocks (the others stay the
     base's own), --aux-weight 0 drops the aux's own loss term; the card names the trained
