@@ -192,7 +192,10 @@ def fit_chunks(tokenizer, n_tokens, chunk, data="default", cache=None):
 
         path = Path(cache) / f"fit-{data}-{n_tokens}x{chunk}-{_chunks_key(tokenizer, site)}.npy"
         if path.is_file():
-            return np.load(path)
+            try:
+                return np.load(path)
+            except (OSError, ValueError):  # unreadable: tokenize again and replace it
+                pass
     code = list(tokenizer.encode(stdlib_text(wide_fit_modules() if data != "default"
                                              else FIT_MODULES)))
     prose = list(tokenizer.encode(prose_text(heldout=False)))
@@ -211,7 +214,10 @@ def fit_chunks(tokenizer, n_tokens, chunk, data="default", cache=None):
     from edgeprefill.fsio import atomic_save_npy
 
     arr = np.asarray(out, dtype=np.int32).reshape(len(out), chunk)
-    atomic_save_npy(path, arr)
+    try:
+        atomic_save_npy(path, arr)
+    except OSError:  # the cache is a speed-up: a read-only or full disk must not stop a run
+        pass
     return arr
 
 

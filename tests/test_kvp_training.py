@@ -292,10 +292,12 @@ def test_site_fitting_set_reads_installed_packages_only(tiny_models):
         fit_chunks(tok, 1000, 64, "everything")
 
 
-def test_fitting_windows_are_cached_and_keyed_by_what_they_depend_on(tiny_models, tmp_path):
+def test_fitting_windows_are_cached_and_keyed_by_what_they_depend_on(tiny_models, tmp_path,
+                                                                     monkeypatch):
     """fit_chunks(cache=folder) tokenizes once: a second call with the same set, budget and
     tokenizer reads the .npy back (the same windows) without encoding anything; another
-    budget, window or tokenizer is another entry."""
+    budget, window or tokenizer is another entry; a damaged entry is rebuilt, and a cache that
+    cannot be written leaves the run going."""
     from edgeprefill.data import fit_chunks
 
     tok = load(str(tiny_models["llama"])).tokenizer
@@ -320,6 +322,18 @@ def test_fitting_windows_are_cached_and_keyed_by_what_they_depend_on(tiny_models
     shifted.encode = lambda text: [i + 1 for i in tok.encode(text)]
     moved = fit_chunks(shifted, 2000, 65, "default", cache=tmp_path)
     assert len(list(tmp_path.glob("*.npy"))) == 3 and moved[0][0] == first[0][0] + 1
+    entry = next(f for f in tmp_path.glob("fit-default-2000x65-*.npy")
+                 if np.array_equal(np.load(f), first))
+    entry.write_bytes(b"not a numpy file")  # a damaged entry is rebuilt, not trusted
+    assert np.array_equal(fit_chunks(tok, 2000, 65, "default", cache=tmp_path), first)
+    assert np.array_equal(np.load(entry), first)
+
+    def full_disk(path, array):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("edgeprefill.fsio.atomic_save_npy", full_disk)
+    assert fit_chunks(tok, 1000, 65, "default", cache=tmp_path).shape == (15, 65)  # still runs
+    assert len(list(tmp_path.glob("*.npy"))) == 3
 
 
 def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli_env, tmp_path):
