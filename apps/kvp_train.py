@@ -24,7 +24,8 @@ def add_train_parser(ksub):
                    "whose aux is the base's own exact layers)")
     t.add_argument("--train-aux-layers", type=int, default=0, metavar="K",
                    help="train copies of only the aux's last K blocks (implies --train-aux "
-                   "yes; 0: all of them)")
+                   "yes; 0: all of them); with --init, K beyond the pair's trained copies "
+                   "adds copies of the blocks before them")
     t.add_argument("--aux-weight", type=float, default=1.0,
                    help="weight of the aux's own loss term (the paper: 1; 0 for an aux that "
                    "only feeds the predictor, like a truncated one)")
@@ -84,6 +85,22 @@ def _check(args):
         raise EdgeprefillError("--train-aux-layers trains aux blocks: drop --train-aux no")
 
 
+def _grown(aux, k):
+    """--init with trained copies and --train-aux-layers K: the aux with copies of its last K
+    blocks, the init's trained copies kept (an error if K would drop one)."""
+    from edgeprefill.kvp.train import grow_copies
+
+    want = aux.layers[-k:]
+    have = aux.model.copied
+    if set(want) == set(have):
+        return aux
+    if not set(have) <= set(want):
+        need = len(aux.layers) - min(aux.layers.index(h) for h in have)
+        raise EdgeprefillError(f"--train-aux-layers {k}: the --init pair already trains aux "
+                               f"blocks {have}; pass at least {need} to keep them")
+    return grow_copies(aux, want)
+
+
 def run_train(args):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -122,6 +139,8 @@ def run_train(args):
                                    f"{aux.kind}/{source}: pick a matching one")
         aux = init_aux
         init_fit = card.get("fit", {})
+        if args.train_aux_layers and hasattr(aux.model, "copied"):
+            aux = _grown(aux, args.train_aux_layers)
     elif not args.resume:
         chunks = fit_chunks(lm.tokenizer, args.ridge_tokens, 256)
         with Progress(TextColumn("ridge init {task.description}"), BarColumn(),

@@ -339,7 +339,8 @@ def test_fitting_windows_are_cached_and_keyed_by_what_they_depend_on(tiny_models
 def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli_env, tmp_path):
     """--train-aux-layers K copies and trains only the aux's last K blocks (the others stay the
     base's own), --aux-weight 0 drops the aux's own loss term; the card names the trained
-    blocks and the artifact loads with exactly those copies."""
+    blocks and the artifact loads with exactly those copies; with --init, a larger K adds
+    copies before the trained ones and keeps their weights, a smaller one is refused."""
     from edgeprefill.kvp.train import loss_terms
     from edgeprefill.prefill import make_strategy
 
@@ -390,6 +391,41 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
     assert card2["fit"]["self_kv"] == "predicted"
     assert card2["fit"]["init"] == {"artifact": "art", "method": "ridge+gradient", "steps": 3,
                                     "data": card["fit"]["data"]}
+    # growing the copies: the trained one keeps its weights, the new one starts as the base's
+    from mlx.utils import tree_flatten
+
+    from edgeprefill.kvp.artifact import load_artifact
+    from edgeprefill.kvp.train import grow_copies
+
+    aux1, pred1, _ = load_artifact(art, lm.model)
+    grown = grow_copies(aux1, [0, 1])
+    prompt = list(range(5, 20))  # a new copy is the base's block: nothing changes until trained
+    assert mx.array_equal(KVPrediction(lm.model, grown, pred1).prefill(prompt)[1],
+                          KVPrediction(lm.model, aux1, pred1).prefill(prompt)[1])
+    assert grown.model.copied == [0, 1] and grown.model.layers[1] is aux1.model.layers[1]
+    assert grown.model.layers[0] is not lm.model.layers[0]
+    for (n, w), (_, w0) in zip(tree_flatten(grown.model.layers[0].parameters()),
+                               tree_flatten(lm.model.layers[0].parameters())):
+        assert mx.array_equal(w, w0), n
+    with pytest.raises(ValueError, match=r"blocks \[1\] are trained copies"):
+        grow_copies(aux1, [0])
+    grow = ["--model", lm.spec, "--aux", "T-0.50", "--aux-weight", "0", "--steps", "1",
+            "--batch", "2", "--seq", "16", "--tokens", "400", "--eval-pairs", "0"]
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", *grow, "--init",
+                        str(art), "--train-aux-layers", "2", "--backend", "mirror", "--out",
+                        str(tmp_path / "art3")], env=cli_env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "art3" / "card.json").read_text())["aux"][
+        "trained_layers"] == [0, 1]
+    assert {k.split(".")[1] for k in mx.load(str(tmp_path / "art3" / "aux.safetensors"))} == {
+        "0", "1"}
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", *grow, "--init",
+                        str(tmp_path / "art3"), "--train-aux-layers", "1", "--out",
+                        str(tmp_path / "y")], env=cli_env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 1 and not (tmp_path / "y").exists()
+    assert "already trains aux blocks [0, 1]; pass at least 2" in r.stderr
 
 
 def test_trained_aux_copies_mirror_and_keep_the_base_k_norm(tiny_models):

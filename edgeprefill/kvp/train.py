@@ -75,6 +75,21 @@ def trainable_aux(aux, layers=None):
     return AuxModel(view, aux.layers, aux.kind)
 
 
+def grow_copies(aux, layers):
+    """An artifact's aux (`aux.model` an AuxView) with trainable copies of `layers`, a superset
+    of the blocks it already trains: those keep their trained weights, the others start as the
+    underlying model's own blocks (how `kvp train --init P --train-aux-layers K` adds copies).
+    Raises ValueError if `layers` leaves out a trained block."""
+    have = list(aux.model.copied)
+    missing = sorted(set(have) - set(layers))
+    if missing:
+        raise ValueError(f"blocks {missing} are trained copies already and must stay copies")
+    grown = trainable_aux(AuxModel(aux.model._base, aux.layers, aux.kind), sorted(layers))
+    for k in have:
+        grown.model.layers[k] = aux.model.layers[k]
+    return grown
+
+
 class Trainable(nn.Module):
     """What the optimizer updates: the predictor, and the aux's copied blocks if any."""
 
