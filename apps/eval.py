@@ -33,6 +33,7 @@ def run(args):
     from apps.generate import strategy_options
     from apps.kvp import builtin_refs, evaluate_refs
     from edgeprefill.data import BUILTIN_PAIRS
+    from edgeprefill.evaluate import NEAR_TIE
     from edgeprefill.flops import flops_options, strategy_flops
     from edgeprefill.loading import load
     from edgeprefill.prefill import make_strategy
@@ -59,15 +60,21 @@ def run(args):
         print(json.dumps(payload, indent=2))
         return 0
     table = Table(title=f"quality vs exact prefill, {lm.model_id}, {len(refs)} pairs, "
-                        f"~{n_prompt}-token prompts")
-    for col in ("strategy", "aux", "FLOPs x", "TTFT ms", "exact ms", "agree", "KL",
-                "NLL", "NLL exact", "NLL x", f"greedy /{args.greedy_tokens}"):
+                        f"~{n_prompt}-token prompts",
+                  caption=f"clear: agreement on the N pairs whose base top-two first-token "
+                          f"probabilities are >= {NEAR_TIE} apart (the rest are near-ties)")
+    for col in ("strategy", "aux", "FLOPs x", "TTFT ms", "exact ms", "agree",
+                "clear", "KL", "NLL", "NLL exact", "NLL x",
+                f"greedy /{args.greedy_tokens}"):
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(r["strategy"], r["aux"] or "-",
                       f"{r['flops_ratio']:.2f}" if r["flops_ratio"] else "-",
                       f"{r['ttft_s'] * 1e3:.0f}", f"{r['ttft_exact_s'] * 1e3:.0f}",
-                      f"{r['first_token_agreement']:.2f}", f"{r['first_token_kl']:.3f}",
+                      f"{r['first_token_agreement']:.2f}",
+                      "-" if r["agreement_clear"] is None else
+                      f"{r['agreement_clear']:.2f}/{r['pairs'] - r['near_ties']}",
+                      f"{r['first_token_kl']:.3f}",
                       f"{r['nll']:.3f}", f"{r['nll_exact']:.3f}", f"{r['nll_ratio']:.3f}",
                       f"{r['greedy_match']:.1f}")
     Console().print(table)

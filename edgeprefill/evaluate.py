@@ -72,6 +72,19 @@ def reference(model, prompt, continuation, greedy_tokens=16):
     return Reference(prompt, continuation, first, nll, greedy, stats.ttft_s)
 
 
+# A pair whose base puts its top two first tokens closer than this in probability is a near-tie:
+# top-1 agreement there is close to a coin flip for any approximation, so summaries also give
+# the agreement over the other pairs (reported beside the plain agreement, never instead of it).
+NEAR_TIE = 0.05
+
+
+def top_two_margin(logits):
+    """(p1 - p2, index of the second most likely token) of a (V,) logit vector."""
+    p = np.exp(log_softmax(np.asarray(logits).ravel()))
+    first, second = np.argsort(-p)[:2]
+    return float(p[first] - p[second]), int(second)
+
+
 def score(model, strategy, ref):
     """Per-pair metrics of `strategy` against a Reference."""
     cache, logits, stats = strategy.prefill(ref.prompt)
@@ -84,16 +97,25 @@ def score(model, strategy, ref):
     match = 0
     while match < len(ref.greedy) and pred[match] == ref.greedy[match]:
         match += 1
+    margin, second = top_two_margin(ref.first_logits)
     return {"agree": float(first.argmax() == ref.first_logits.argmax()),
+            "base_margin": margin, "second_choice": float(first.argmax() == second),
             "kl": kl_divergence(ref.first_logits, first), "nll": nll, "nll_exact": ref.nll,
             "greedy_match": match, "ttft_s": stats.ttft_s, "ttft_exact_s": ref.ttft_s}
 
 
 def summarize(rows, greedy_tokens):
-    """Mean metrics over pairs (the record `edgeprefill eval` prints)."""
+    """Mean metrics over pairs (the record `edgeprefill eval` prints). Beside the agreement:
+    near_ties, the pairs whose base top-two margin is under NEAR_TIE; agreement_clear, the
+    agreement over the others (None if there are none); misses_second_choice, the misses that
+    took the base's second choice."""
     mean = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
     nll, nll_exact = mean("nll"), mean("nll_exact")
+    clear = [r["agree"] for r in rows if r["base_margin"] >= NEAR_TIE]
     return {"pairs": len(rows), "first_token_agreement": mean("agree"),
+            "near_ties": len(rows) - len(clear),
+            "agreement_clear": float(np.mean(clear)) if clear else None,
+            "misses_second_choice": int(sum(r["second_choice"] for r in rows)),
             "first_token_kl": mean("kl"), "nll": nll, "nll_exact": nll_exact,
             "nll_ratio": nll / nll_exact if nll_exact > 0 else float("nan"),
             "greedy_match": mean("greedy_match"), "greedy_tokens": greedy_tokens,

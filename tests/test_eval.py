@@ -30,6 +30,25 @@ def test_exact_strategy_scores_perfectly_and_a_worse_one_does_not(tiny_models):
     worse = score(m, AuxOnly(m, layer_pruned_aux(m, 0.5)), ref)
     assert worse["kl"] > 1e-3 and worse["nll"] != ref.nll
     assert kl_divergence(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.0
+    assert 0 <= s["base_margin"] <= 1 and s["second_choice"] == 0.0
+
+
+def test_summary_separates_near_ties_from_clear_base_choices():
+    """agreement_clear is the agreement over pairs whose base top-two margin is at least
+    NEAR_TIE; near_ties counts the rest; a miss on the base's second token is counted."""
+    from edgeprefill.evaluate import NEAR_TIE, summarize, top_two_margin
+
+    margin, second = top_two_margin(np.log(np.array([0.1, 0.5, 0.4])))
+    assert abs(margin - 0.1) < 1e-9 and second == 2
+    row = dict(kl=0.1, nll=1.0, nll_exact=1.0, greedy_match=1, ttft_s=1.0, ttft_exact_s=1.0)
+    rows = [dict(row, agree=0.0, second_choice=1.0, base_margin=NEAR_TIE / 2),
+            dict(row, agree=1.0, second_choice=0.0, base_margin=0.5),
+            dict(row, agree=0.0, second_choice=0.0, base_margin=0.3),
+            dict(row, agree=1.0, second_choice=0.0, base_margin=NEAR_TIE)]
+    out = summarize(rows, 4)
+    assert out["first_token_agreement"] == 0.5 and out["near_ties"] == 1
+    assert abs(out["agreement_clear"] - 2 / 3) < 1e-12 and out["misses_second_choice"] == 1
+    assert summarize(rows[:1], 4)["agreement_clear"] is None
 
 
 def test_eval_cli_reports_every_metric(tiny_models, cli_env, tmp_path):
@@ -55,6 +74,7 @@ def test_eval_cli_reports_every_metric(tiny_models, cli_env, tmp_path):
         assert x["aux"] == "T-0.50" and 0 < x["flops_ratio"] < 1
         for key in ("first_token_kl", "nll", "nll_exact", "nll_ratio", "ttft_s"):
             assert np.isfinite(x[key])
+        assert 0 <= x["near_ties"] <= 3 and 0 <= x["misses_second_choice"] <= 3
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "continuation": "b"}\n{"prompt": "x"}\n')
     r = _cli(["eval", "--model", model, "--strategy", "full", "--data", str(bad)], cli_env)
