@@ -185,11 +185,11 @@ def fit_chunks(tokenizer, n_tokens, chunk, data="default", cache=None):
     tokenizing (minutes for the site set); then an (n, chunk) array is returned."""
     if data not in FIT_SETS:
         raise ValueError(f"fitting set {data!r}: pick one of {', '.join(FIT_SETS)}")
+    import numpy as np
+
     site = site_fit_files() if data == "site" else None  # one walk of site-packages for all
     path = None
     if cache is not None:
-        import numpy as np
-
         path = Path(cache) / f"fit-{data}-{n_tokens}x{chunk}-{_chunks_key(tokenizer, site)}.npy"
         if path.is_file():
             try:
@@ -209,8 +209,6 @@ def fit_chunks(tokenizer, n_tokens, chunk, data="default", cache=None):
     out = _interleave(code, prose, chunk)[:max(1, n_tokens // chunk)]
     if path is None:
         return out
-    import numpy as np
-
     from edgeprefill.fsio import atomic_save_npy
 
     arr = np.asarray(out, dtype=np.int32).reshape(len(out), chunk)

@@ -23,26 +23,29 @@ def atomic_folder(path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_text(path, text):
-    """Write `text` to `path` through a temporary file and a rename."""
+@contextmanager
+def atomic_file(path):
+    """Yield a temporary file path beside `path` (same suffix); when the block succeeds it
+    replaces `path`, when it raises it is removed and `path` is left as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path, text):
+    """Write `text` to `path` through a temporary file and a rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_save_npy(path, array):
     """np.save `array` to `path` through a temporary file and a rename (folders made)."""
     import numpy as np
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npy")
-    try:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
         np.save(tmp, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
