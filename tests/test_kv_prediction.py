@@ -255,7 +255,7 @@ def test_compact_aux_fit_generate_and_tokenizer_refusal(tiny_models, cli_env, tm
 def test_bundled_default_pair_is_complete():
     """The trained T-0.50 pair shipped for the default model: card, weights and layer map agree
     (SmolLM2-135M: 30 layers, 3 KV heads of 64, hidden 576; 15 predicted layers; trained
-    copies of the aux's last 2 blocks)."""
+    copies of the aux's last 4 blocks)."""
     import json
 
     import mlx.core as mx
@@ -271,8 +271,9 @@ def test_bundled_default_pair_is_complete():
     assert w["k_proj.0.weight"].shape == (192, 2 * 576) and w["v_proj.14.bias"].shape == (192,)
     assert card["quality"]["pairs"] == 40 and card["quality"]["nll_ratio"] <= 1.10
     aux = mx.load(str(folder / "aux.safetensors"))
-    assert card["aux"]["weights"] == "aux.safetensors" and card["aux"]["trained_layers"] == [13, 14]
-    assert {k.split(".")[1] for k in aux} == {"13", "14"} and len(aux) == 2 * 9
+    assert card["aux"]["weights"] == "aux.safetensors"
+    assert card["aux"]["trained_layers"] == [11, 12, 13, 14]
+    assert {k.split(".")[1] for k in aux} == {"11", "12", "13", "14"} and len(aux) == 4 * 9
     assert aux["layers.14.mlp.gate_proj.weight"].shape == (1536, 576)
 
 
