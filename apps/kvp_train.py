@@ -139,6 +139,12 @@ def run_train(args):
                                    f"{aux.kind}/{source}: pick a matching one")
         aux = init_aux
         init_fit = card.get("fit", {})
+        if hasattr(aux.model, "copied"):  # the pair's trained copies train on with it
+            if args.train_aux == "no":
+                raise EdgeprefillError(f"--train-aux no: the --init pair's aux blocks "
+                                       f"{aux.model.copied} are trained copies, which train on "
+                                       "with the predictor; drop --train-aux no")
+            train_aux = True
         if args.train_aux_layers and hasattr(aux.model, "copied"):
             aux = _grown(aux, args.train_aux_layers)
     elif not args.resume:

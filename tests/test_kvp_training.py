@@ -388,7 +388,7 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
     assert r.returncode == 0, r.stderr
     card2 = json.loads((tmp_path / "art2" / "card.json").read_text())
     assert card2["aux"]["trained_layers"] == [1] and card2["fit"]["method"] == "gradient"
-    assert card2["fit"]["self_kv"] == "predicted"
+    assert card2["fit"]["self_kv"] == "predicted" and card2["fit"]["train_aux"] is True
     assert card2["fit"]["init"] == {"artifact": "art", "method": "ridge+gradient", "steps": 3,
                                     "data": card["fit"]["data"]}
     # growing the copies: the trained one keeps its weights, the new one starts as the base's
@@ -426,6 +426,13 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
                        timeout=600)
     assert r.returncode == 1 and not (tmp_path / "y").exists()
     assert "already trains aux blocks [0, 1]; pass at least 2" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", *grow, "--init",
+                        str(tmp_path / "art3"), "--train-aux", "no", "--out",
+                        str(tmp_path / "y")], env=cli_env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 1 and not (tmp_path / "y").exists()
+    assert "aux blocks [0, 1] are trained copies" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_trained_aux_copies_mirror_and_keep_the_base_k_norm(tiny_models):
