@@ -178,8 +178,8 @@ def bundled_dir():
 
 def stale_bundled_copy(path, shipped):
     """True when `path` holds an earlier release's bundled pair (trained, not a ridge fit
-    made here) whose weights (predictor, trained aux blocks) differ from the ones shipped now:
-    it is then replaced."""
+    made here) whose weights (predictor, trained aux blocks) or card (e.g. its exact tail)
+    differ from the ones shipped now: it is then replaced."""
     import filecmp
 
     try:
@@ -190,7 +190,7 @@ def stale_bundled_copy(path, shipped):
         return False
     names = {f.name for f in shipped.glob("*.safetensors")}
     return names != {f.name for f in Path(path).glob("*.safetensors")} or not all(
-        filecmp.cmp(Path(path) / n, shipped / n, shallow=False) for n in names)
+        filecmp.cmp(Path(path) / n, shipped / n, shallow=False) for n in names | {"card.json"})
 
 
 def ensure_default_artifact(lm, path):

@@ -255,7 +255,7 @@ def test_compact_aux_fit_generate_and_tokenizer_refusal(tiny_models, cli_env, tm
 def test_bundled_default_pair_is_complete():
     """The trained T-0.50 pair shipped for the default model: card, weights and layer map agree
     (SmolLM2-135M: 30 layers, 3 KV heads of 64, hidden 576; 15 predicted layers; trained
-    copies of the aux's last 4 blocks)."""
+    copies of the aux's last 4 blocks; an exact tail of 32)."""
     import json
 
     import mlx.core as mx
@@ -270,6 +270,7 @@ def test_bundled_default_pair_is_complete():
     assert len(predicted) == 15 and len(w) == 4 * len(predicted)
     assert w["k_proj.0.weight"].shape == (192, 2 * 576) and w["v_proj.14.bias"].shape == (192,)
     assert card["quality"]["pairs"] == 40 and card["quality"]["nll_ratio"] <= 1.10
+    assert card["tail"] == 32  # the base runs the prompt's last 32 tokens itself
     aux = mx.load(str(folder / "aux.safetensors"))
     assert card["aux"]["weights"] == "aux.safetensors"
     assert card["aux"]["trained_layers"] == [11, 12, 13, 14]
@@ -293,6 +294,11 @@ def test_an_earlier_bundled_pair_is_replaced_but_a_local_fit_is_kept(tmp_path):
     shutil.copy(shipped / "predictor.safetensors", old / "predictor.safetensors")
     (old / "aux.safetensors").unlink()  # a release before trained aux blocks shipped
     assert stale_bundled_copy(old, shipped)
+    shutil.copy(shipped / "aux.safetensors", old / "aux.safetensors")
+    card = json.loads((old / "card.json").read_text())
+    (old / "card.json").chmod(0o644)
+    (old / "card.json").write_text(json.dumps({**card, "tail": card["tail"] + 1}))
+    assert stale_bundled_copy(old, shipped)  # the same weights, an earlier card (its tail)
     card = json.loads((old / "card.json").read_text())
     card["fit"]["method"] = "ridge"  # fitted on this machine: the user's own, kept
     (old / "card.json").chmod(0o644)
