@@ -420,19 +420,13 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
         "trained_layers"] == [0, 1]
     assert {k.split(".")[1] for k in mx.load(str(tmp_path / "art3" / "aux.safetensors"))} == {
         "0", "1"}
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", *grow, "--init",
-                        str(tmp_path / "art3"), "--train-aux-layers", "1", "--out",
-                        str(tmp_path / "y")], env=cli_env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 1 and not (tmp_path / "y").exists()
-    assert "already trains aux blocks [0, 1]; pass at least 2" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", *grow, "--init",
-                        str(tmp_path / "art3"), "--train-aux", "no", "--out",
-                        str(tmp_path / "y")], env=cli_env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 1 and not (tmp_path / "y").exists()
-    assert "aux blocks [0, 1] are trained copies" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    for bad, msg in ((["--train-aux-layers", "1"], "already trains aux blocks [0, 1]; pass at "
+                      "least 2"), (["--train-aux", "no"], "aux blocks [0, 1] are trained copies")):
+        r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", *grow, "--init",
+                            str(tmp_path / "art3"), *bad, "--out", str(tmp_path / "y")],
+                           env=cli_env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 1 and not (tmp_path / "y").exists()
+        assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_trained_aux_copies_mirror_and_keep_the_base_k_norm(tiny_models):
