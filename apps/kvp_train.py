@@ -145,8 +145,8 @@ def run_train(args):
                                        f"{aux.model.copied} are trained copies, which train on "
                                        "with the predictor; drop --train-aux no")
             train_aux = True
-        if args.train_aux_layers and hasattr(aux.model, "copied"):
-            aux = _grown(aux, args.train_aux_layers)
+            if args.train_aux_layers:
+                aux = _grown(aux, args.train_aux_layers)
     elif not args.resume:
         chunks = fit_chunks(lm.tokenizer, args.ridge_tokens, 256)
         with Progress(TextColumn("ridge init {task.description}"), BarColumn(),
