@@ -51,7 +51,12 @@ def add_train_parser(ksub):
                    "stdlib module but the held-out ones, ~3M tokens of code) or site (wide "
                    "plus the installed packages' sources and descriptions, up to --tokens)")
     t.add_argument("--ridge-tokens", type=int, default=30000)
-    t.add_argument("--tail", type=int, default=1, help="exact tail recorded in the card")
+    t.add_argument("--tail", type=int, default=1,
+                   help="exact tail recorded in the card: the base runs the prompt's last TAIL "
+                   "tokens itself at inference")
+    t.add_argument("--train-tail", type=int, default=None, metavar="T",
+                   help="train for every exact tail from 1 to T (with --self-kv exact; "
+                   "default: --tail, so training matches the card)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--backend", default="mlx", choices=["mlx", "mirror"])
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -83,6 +88,18 @@ def _check(args):
                                "the model's --dtype")
     if args.train_aux_layers and args.train_aux == "no":
         raise EdgeprefillError("--train-aux-layers trains aux blocks: drop --train-aux no")
+    if args.tail < 1 or (args.train_tail is not None and args.train_tail < 1):
+        raise EdgeprefillError("--tail and --train-tail must be >= 1")
+    if args.train_tail not in (None, 1) and args.self_kv != "exact":
+        raise EdgeprefillError("--train-tail needs --self-kv exact (the tail's own K/V are "
+                               "exact): drop --self-kv predicted or --train-tail")
+
+
+def _train_tail(args):
+    """The exact tail trained for: --train-tail, else --tail with --self-kv exact, else 1."""
+    if args.train_tail is not None:
+        return args.train_tail
+    return args.tail if args.self_kv == "exact" else 1
 
 
 def _grown(aux, k):
@@ -164,7 +181,7 @@ def run_train(args):
     log_path = Path(str(out) + ".train.jsonl")
     hp = dict(batch=args.batch, steps=args.steps, lr=args.lr, warmup=args.warmup,
               seed=args.seed, objective=args.objective, aux_weight=args.aux_weight,
-              kv_weight=args.kv_weight, self_kv=args.self_kv)
+              kv_weight=args.kv_weight, self_kv=args.self_kv, window=_train_tail(args))
     copies = aux.layers[-args.train_aux_layers:] if args.train_aux_layers else None
     if args.backend == "mlx":
         from edgeprefill.kvp.train import Trainer, trainable_aux
@@ -227,7 +244,7 @@ def run_train(args):
                 "tokens_seen": trainer.step * args.batch * args.seq,
                 "objective": args.objective, "train_aux": train_aux,
                 "aux_weight": args.aux_weight, "kv_weight": args.kv_weight,
-                "self_kv": args.self_kv,
+                "self_kv": args.self_kv, "train_tail": _train_tail(args),
                 "data": {"default": FIT_DATA, "wide": WIDE_FIT_DATA,
                          "site": SITE_FIT_DATA}[args.data],
                 "data_tokens": len(windows) * (args.seq + 1),

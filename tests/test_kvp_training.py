@@ -123,6 +123,49 @@ def test_self_kv_exact_is_what_inference_computes(tiny_models, family):
     assert abs(p[1].item() - a[1].item()) > 1e-6 and abs(p[3].item() - a[3].item()) < 1e-6
 
 
+def test_train_tail_window_is_what_an_exact_tail_computes(tiny_models):
+    """With an exact window of T (kvp train --train-tail T) position t of each block of T is
+    trained as KV Prediction runs a prompt ending at t with an exact tail of (t mod T) + 1:
+    T at a block's last position, 2 one past a block's start; MLX and the mirror agree on
+    the loss, which differs from the tail-1 loss; a window with the paper's 'predicted' is
+    refused."""
+    from apps.kvp import build_predictor
+    from edgeprefill.kvp.fit import fit_ridge
+    from edgeprefill.kvp.train import Trainer, loss_terms, replaced_block, self_exact_mask
+    from edgeprefill.mirror.kvp.aux import AuxModel as TAux
+    from edgeprefill.mirror.kvp.predictor import predictor_to_torch
+    from edgeprefill.mirror.kvp.train import loss_terms as t_loss_terms
+    from edgeprefill.mirror.loading import mirror_from_mlx
+
+    m = load(str(tiny_models["llama"])).model
+    aux, pred = build_predictor(m, "T-0.50", "hidden2")
+    rng = np.random.default_rng(7)
+    pred, _ = fit_ridge(m, aux, pred, [rng.integers(3, 300, 24).tolist() for _ in range(3)])
+    ids = rng.integers(3, m.vocab_size, size=14).tolist()
+    x = mx.array([ids])
+    kv = {i: (k, v) for i, k, v in pred.base_kv(aux.forward(x, None, pred.hidden_layers()))}
+    h = m.embed(x)
+    mask = self_exact_mask(len(ids), 4)
+    for i in range(m.n_layers):
+        h = replaced_block(m, i, h, *kv[i], mask)
+    logits = np.array(m.head(h)[0])
+    for t, tail in ((11, 4), (9, 2), (12, 1)):
+        _, want, _ = KVPrediction(m, aux, pred, tail=tail).prefill(ids[:t + 1])
+        np.testing.assert_allclose(logits[t], np.array(want).reshape(-1), atol=1e-4, rtol=1e-4)
+    y = mx.array([ids[1:] + [3]])
+    a = loss_terms(m, aux, pred, x, y, "kl", 0.0, 0.1, "exact", window=4)
+    tm = mirror_from_mlx(m)
+    b = t_loss_terms(tm, TAux(tm, aux.layers, aux.kind), predictor_to_torch(pred),
+                     torch.tensor(np.array(x)), torch.tensor(np.array(y)), "kl", 0.0, 0.1,
+                     "exact", window=4)
+    for u, w in zip(a, b):
+        assert abs(u.item() - float(w)) < 1e-3 * max(1.0, abs(u.item()))
+    one = loss_terms(m, aux, pred, x, y, "kl", 0.0, 0.1, "exact")
+    assert abs(one[1].item() - a[1].item()) > 1e-6
+    with pytest.raises(ValueError, match="window"):
+        Trainer(m, aux, pred, [ids], self_kv="predicted", window=4)
+
+
 def test_mirror_bf16_autocast_keeps_the_loss_and_its_gradient(tiny_models):
     """--precision bf16 (matmuls under bfloat16 autocast, float32 logits and losses) gives the
     float32 loss to bf16 accuracy and a gradient pointing the same way, on CPU here (CUDA on a
@@ -356,6 +399,7 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
     card = json.loads((art / "card.json").read_text())
     assert card["aux"]["trained_layers"] == [1] and card["fit"]["aux_weight"] == 0
     assert card["fit"]["self_kv"] == "exact" and card["fit"]["kv_weight"] == 1.0  # defaults
+    assert card["fit"]["train_tail"] == 1 and card["tail"] == 1
     assert {k.split(".")[1] for k in mx.load(str(art / "aux.safetensors"))} == {"1"}
     kvp = make_strategy("kvp", lm.model, artifact=art)
     assert kvp.aux.model.copied == [1]
@@ -372,7 +416,10 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "has only 2 blocks" in r.stderr
     for bad, msg in ((["--precision", "bf16"], "--precision is for --backend mirror"),
-                     (["--kv-weight", "-1"], "--kv-weight must be >= 0")):
+                     (["--kv-weight", "-1"], "--kv-weight must be >= 0"),
+                     (["--tail", "0"], "--tail and --train-tail must be >= 1"),
+                     (["--self-kv", "predicted", "--train-tail", "8"],
+                      "--train-tail needs --self-kv exact")):
         r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", "--model",
                             lm.spec, "--out", str(tmp_path / "x")] + bad, env=cli_env,
                            capture_output=True, text=True, timeout=300)
@@ -412,12 +459,13 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
     grow = ["--model", lm.spec, "--aux", "T-0.50", "--aux-weight", "0", "--steps", "1",
             "--batch", "2", "--seq", "16", "--tokens", "400", "--eval-pairs", "0"]
     r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", *grow, "--init",
-                        str(art), "--train-aux-layers", "2", "--backend", "mirror", "--out",
-                        str(tmp_path / "art3")], env=cli_env, capture_output=True, text=True,
-                       timeout=600)
+                        str(art), "--train-aux-layers", "2", "--tail", "4", "--backend", "mirror",
+                        "--out", str(tmp_path / "art3")], env=cli_env, capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "art3" / "card.json").read_text())["aux"][
-        "trained_layers"] == [0, 1]
+    card3 = json.loads((tmp_path / "art3" / "card.json").read_text())
+    assert card3["aux"]["trained_layers"] == [0, 1]
+    assert card3["tail"] == 4 and card3["fit"]["train_tail"] == 4  # trained for the card's tail
     assert {k.split(".")[1] for k in mx.load(str(tmp_path / "art3" / "aux.safetensors"))} == {
         "0", "1"}
     for bad, msg in ((["--train-aux-layers", "1"], "already trains aux blocks [0, 1]; pass at "

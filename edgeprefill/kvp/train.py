@@ -108,10 +108,23 @@ OBJECTIVES = ("ce", "kl")
 SELF_KV = ("predicted", "exact")
 
 
-def self_exact_mask(L):
-    """(L, 2L) bool: query t sees predicted keys 0..t-1 (a prefix) and its own key t."""
-    return mx.concatenate([mx.tril(mx.ones((L, L), dtype=mx.bool_), k=-1),
-                           mx.eye(L, dtype=mx.bool_)], axis=1)
+def self_exact_mask(L, window=1):
+    """(L, 2L) bool over [predicted keys | exact keys]. Positions fall in blocks of `window`;
+    query t sees the predicted keys before its block and the exact keys from its block's start
+    to t, its own among them: what KV Prediction computes for a prompt ending at t with an
+    exact tail of t - start + 1 tokens. window 1 is the paper's tail of 1 at every position;
+    window T trains every tail from 1 to T, T itself at each block's last position."""
+    t = mx.arange(L)
+    start = (t // window) * window
+    predicted = t[None, :] < start[:, None]
+    exact = (t[None, :] >= start[:, None]) & (t[None, :] <= t[:, None])
+    return mx.concatenate([predicted, exact], axis=1)
+
+
+def check_window(self_kv, window):
+    """Raise ValueError unless `window` (exact positions per query) suits `self_kv`."""
+    if window < 1 or (window > 1 and self_kv != "exact"):
+        raise ValueError(f"an exact window of {window} needs self_kv 'exact' and window >= 1")
 
 
 def replaced_block(base, i, h, k, v, mask=None):
@@ -132,7 +145,7 @@ def _kl(p_logits, q_logits):
 
 
 def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0,
-               kv_weight=1.0, self_kv="predicted"):
+               kv_weight=1.0, self_kv="predicted", window=1):
     """(total, base term, aux term, mean per-layer L1) for (B, L) inputs x and targets y.
 
     objective 'ce' is the paper's (cross-entropy on the text's next tokens); 'kl' distils the
@@ -143,7 +156,8 @@ def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0,
     its term reads 0). kv_weight scales the consistency term (the paper: 1, i.e. the L1 averaged
     over layers); with the KL objective the term mostly steers the direction of the update (its
     gradient is far larger than the KL's), so a smaller weight lets training follow the KL.
-    self_kv: one of SELF_KV.
+    self_kv: one of SELF_KV; window: with self_kv 'exact', the longest exact tail trained for
+    (self_exact_mask: every tail from 1 to window).
     """
     h = base.embed(x)
     true = []
@@ -154,7 +168,7 @@ def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0,
     exact = mx.stop_gradient(base.head(h).astype(mx.float32)) if objective == "kl" else None
     aux_out = aux.forward(x, None, predictor.hidden_layers())
     hb = base.embed(x)
-    mask = self_exact_mask(x.shape[1]) if self_kv == "exact" else None
+    mask = self_exact_mask(x.shape[1], window) if self_kv == "exact" else None
     l1 = 0.0
     for i, k, v in predictor.base_kv(aux_out):
         tk, tv = true[i]
@@ -196,18 +210,19 @@ class Trainer:
         windows: list of token-id lists of length seq + 1.
         batch, steps, lr, warmup, weight_decay, clip: the optimization.
         seed: batch sampling seed.
-        objective, aux_weight, kv_weight, self_kv: as loss_terms.
+        objective, aux_weight, kv_weight, self_kv, window: as loss_terms.
     """
 
     def __init__(self, base, aux, predictor, windows, batch=8, steps=200, lr=3e-4, warmup=20,
                  weight_decay=0.1, clip=1.0, seed=0, objective="ce", aux_weight=1.0,
-                 kv_weight=1.0, self_kv="predicted"):
+                 kv_weight=1.0, self_kv="predicted", window=1):
+        check_window(self_kv, window)
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if self_kv not in SELF_KV:
             raise ValueError(f"self_kv must be one of {SELF_KV}, got {self_kv!r}")
         self.objective, self.aux_weight, self.kv_weight = objective, aux_weight, kv_weight
-        self.self_kv = self_kv
+        self.self_kv, self.window = self_kv, window
         self.base, self.aux, self.predictor = base, aux, predictor
         self.data = np.array(windows, dtype=np.int32)
         self.batch, self.steps, self.clip, self.seed = batch, steps, clip, seed
@@ -219,7 +234,7 @@ class Trainer:
 
     def _loss(self, x, y):
         return loss_terms(self.base, self.aux, self.predictor, x, y, self.objective,
-                          self.aux_weight, self.kv_weight, self.self_kv)
+                          self.aux_weight, self.kv_weight, self.self_kv, self.window)
 
     def batch_at(self, step):
         rng = np.random.default_rng((self.seed, step))

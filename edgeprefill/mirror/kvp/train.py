@@ -84,10 +84,13 @@ def _kl(p_logits, q_logits):
     return (lp.exp() * (lp - lq)).sum(-1).mean()
 
 
-def self_exact_mask(L, device):
+def self_exact_mask(L, device, window=1):
     """As edgeprefill.kvp.train.self_exact_mask."""
-    tri = torch.tril(torch.ones(L, L, dtype=torch.bool, device=device), diagonal=-1)
-    return torch.cat([tri, torch.eye(L, dtype=torch.bool, device=device)], dim=1)
+    t = torch.arange(L, device=device)
+    start = torch.div(t, window, rounding_mode="floor") * window
+    predicted = t[None, :] < start[:, None]
+    exact = (t[None, :] >= start[:, None]) & (t[None, :] <= t[:, None])
+    return torch.cat([predicted, exact], dim=1)
 
 
 def replaced_block(base, i, h, k, v, mask=None):
@@ -106,7 +109,7 @@ def _head32(head, h):
 
 
 def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0,
-               kv_weight=1.0, self_kv="predicted"):
+               kv_weight=1.0, self_kv="predicted", window=1):
     """(total, base term, aux term, mean per-layer L1), as the MLX loss_terms (the aux's head
     is skipped when aux_weight is 0)."""
     with torch.no_grad():
@@ -119,7 +122,7 @@ def loss_terms(base, aux, predictor, x, y, objective="ce", aux_weight=1.0,
         exact = _head32(base.head, h) if objective == "kl" else None
     aux_out = aux.forward(x, None, predictor.hidden_layers())
     hb = base.embed(x)
-    mask = self_exact_mask(x.shape[1], x.device) if self_kv == "exact" else None
+    mask = self_exact_mask(x.shape[1], x.device, window) if self_kv == "exact" else None
     l1 = 0.0
     for i, k, v in predictor.base_kv(aux_out):
         tk, tv = true[i]
@@ -166,14 +169,16 @@ class Trainer:
 
     def __init__(self, base, aux, predictor, windows, batch=8, steps=200, lr=3e-4, warmup=20,
                  weight_decay=0.1, clip=1.0, seed=0, device="cpu", objective="ce",
-                 aux_weight=1.0, kv_weight=1.0, precision="fp32", self_kv="predicted"):
-        from edgeprefill.kvp.train import SELF_KV
+                 aux_weight=1.0, kv_weight=1.0, precision="fp32", self_kv="predicted",
+                 window=1):
+        from edgeprefill.kvp.train import SELF_KV, check_window
 
+        check_window(self_kv, window)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if self_kv not in SELF_KV:
             raise ValueError(f"self_kv must be one of {SELF_KV}, got {self_kv!r}")
-        self.self_kv = self_kv
+        self.self_kv, self.window = self_kv, window
         self.objective, self.aux_weight, self.precision = objective, aux_weight, precision
         self.kv_weight = kv_weight
         self.base, self.aux, self.predictor = base, aux, predictor
@@ -203,7 +208,7 @@ class Trainer:
                             enabled=self.precision == "bf16"):
             total, t_base, t_aux, l1 = loss_terms(self.base, self.aux, self.predictor, x, y,
                                                   self.objective, self.aux_weight, self.kv_weight,
-                                                  self.self_kv)
+                                                  self.self_kv, self.window)
         self.opt.zero_grad(set_to_none=True)
         total.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
