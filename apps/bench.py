@@ -18,7 +18,7 @@ KVP_STRATEGIES = {"kvp", "aux-only", "runahead-kvp"}  # need a KV Prediction pai
 
 
 def add_parser(sub):
-    from apps.generate import add_model_args
+    from apps.generate import add_kvp_tail_arg, add_model_args
 
     p = sub.add_parser("bench", help="measure TTFT per strategy and prompt length")
     add_model_args(p)
@@ -34,6 +34,7 @@ def add_parser(sub):
     p.add_argument("--kvp", default=None, metavar="FOLDER",
                    help="KV Prediction artifact for kvp / aux-only / runahead-kvp (default: "
                    "the model's T-0.50 pair)")
+    add_kvp_tail_arg(p)
     p.add_argument("--workers", type=int, default=2,
                    help="runahead / tsp / runahead-kvp: local worker processes")
     p.add_argument("--backend", default="mlx", choices=["mlx", "mirror"])
@@ -81,8 +82,10 @@ class Runner:
 class MlxRunner(Runner):
     """Runs strategies on the MLX backend: (prompt ids) -> (ttft seconds, first logits)."""
 
-    def __init__(self, lm, chunk_size, kvp_artifact=None, random_pair=None, workers=2):
+    def __init__(self, lm, chunk_size, kvp_artifact=None, random_pair=None, workers=2,
+                 kvp_tail=None):
         self.lm = lm
+        self.kvp_tail = kvp_tail  # None: the card's (1 for a random pair)
         self.workers = workers
         self.chunk_size = chunk_size
         self.strategies = {}
@@ -102,14 +105,15 @@ class MlxRunner(Runner):
 
         if name not in self.strategies:
             opts = {"chunk_size": self.chunk_size} if self.chunk_size else {}
+            tail = {"tail": self.kvp_tail} if self.kvp_tail and name == "kvp" else {}
             if name in ("kvp", "aux-only") and self.random_pair:
                 aux, pred = self.random_pair
-                self.strategies[name] = (KVPrediction(self.lm.model, aux, pred, **opts)
+                self.strategies[name] = (KVPrediction(self.lm.model, aux, pred, **opts, **tail)
                                          if name == "kvp" else AuxOnly(self.lm.model, aux, **opts))
                 return self.strategies[name]
             if name in ("kvp", "aux-only"):
                 opts["artifact"] = self.kvp_artifact
-            self.strategies[name] = make_strategy(name, self.lm.model, **opts)
+            self.strategies[name] = make_strategy(name, self.lm.model, **opts, **tail)
         return self.strategies[name]
 
     def quality(self, strategy, prompt, continuation):
@@ -169,7 +173,8 @@ class MlxRunner(Runner):
         if strategy == "runahead-kvp":
             artifact = RANDOM_PAIR if self.random_pair else self.kvp_artifact
         return run_prefill(self.lm, ids, strategy, self.workers, artifact=artifact,
-                           continuation=continuation, trials=trials)
+                           continuation=continuation, trials=trials,
+                           tail=self.kvp_tail if artifact else None)
 
     def run_many(self, strategy, ids, count, progress=None):
         """Parallel strategies run every trial on ONE launch of the workers, so warm-ups warm
@@ -206,7 +211,8 @@ class MlxRunner(Runner):
 class MirrorRunner(Runner):
     """Runs strategies on the torch mirror (CPU or CUDA)."""
 
-    def __init__(self, lm, chunk_size, device, kvp_artifact=None, random_pair=None):
+    def __init__(self, lm, chunk_size, device, kvp_artifact=None, random_pair=None,
+                 kvp_tail=None):
         import torch
 
         from edgeprefill.mirror.loading import mirror_from_mlx
@@ -221,6 +227,7 @@ class MirrorRunner(Runner):
         self.lm = lm
         self.pair = None
         self.random_pair = random_pair  # MLX (aux, predictor) of random weights (--shape)
+        self.kvp_tail = kvp_tail  # None: the card's
 
     def available(self):
         from edgeprefill.prefill import SCHEDULES
@@ -239,7 +246,7 @@ class MirrorRunner(Runner):
             self.pair = (mirror_pair(*self.random_pair, self.model) if self.random_pair else
                          mirror_kvp_pair(self.lm.model, self.model, self.kvp_artifact))
         aux, pred, tail = self.pair
-        return STRATEGIES["kvp"](self.model, aux, pred, tail=tail, **opts)
+        return STRATEGIES["kvp"](self.model, aux, pred, tail=self.kvp_tail or tail, **opts)
 
     def flops_options(self, name):
         from edgeprefill.flops import flops_options
@@ -426,14 +433,14 @@ def run(args):
         if args.aux_shape:
             raise EdgeprefillError("--aux-shape goes with --shape (random-weight models)")
         lm = load(args.model, dtype=args.dtype)
-    from apps.generate import strategy_options
+    from apps.generate import kvp_tail, strategy_options
 
-    kvp = None
+    kvp, tail = None, kvp_tail(args)
     if KVP_STRATEGIES & set(strategies) and not random_pair:
         kvp = strategy_options(args, lm, "kvp")["artifact"]
-    runner = (MlxRunner(lm, args.chunk_size, kvp, random_pair, args.workers)
+    runner = (MlxRunner(lm, args.chunk_size, kvp, random_pair, args.workers, tail)
               if args.backend == "mlx"
-              else MirrorRunner(lm, args.chunk_size, args.device, kvp, random_pair))
+              else MirrorRunner(lm, args.chunk_size, args.device, kvp, random_pair, tail))
     unknown = [s for s in strategies if s not in runner.available()]
     if unknown:
         raise EdgeprefillError(f"strategy {unknown[0]} is not available on the {args.backend} "
@@ -445,7 +452,8 @@ def run(args):
                   model=lm.model_id, model_path=str(lm.path), dtype=args.dtype,
                   matmul_gflops_fp32=round(matmul_gflops(), 1), trials=args.trials,
                   warmup=args.warmup, prompts_per_length=args.prompts,
-                  artifacts=runner.artifacts(strategies), random_weights=bool(args.shape),
+                  artifacts=runner.artifacts(strategies), kvp_tail=tail,
+                  random_weights=bool(args.shape),
                   random_tokens=args.random_tokens, continuation_tokens=args.continuation,
                   shape=args.shape, aux_shape=args.aux_shape)
     console = Console(stderr=True)

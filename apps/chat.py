@@ -27,7 +27,7 @@ DELAY_S = float(os.environ.get("EDGEPREFILL_DECODE_DELAY_S", "0") or 0)
 
 
 def add_parser(sub):
-    from apps.generate import add_model_args
+    from apps.generate import add_kvp_tail_arg, add_model_args
 
     p = sub.add_parser("chat", help="chat in the terminal (multi-turn, cache reuse)")
     add_model_args(p)
@@ -38,6 +38,7 @@ def add_parser(sub):
                    help="runahead: local worker processes, started once for the session")
     p.add_argument("--kvp", default=None, metavar="FOLDER",
                    help="KV Prediction artifact (default: the model's default pair)")
+    add_kvp_tail_arg(p)
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--temp", type=float, default=0.0)

@@ -7,7 +7,7 @@ from edgeprefill.errors import EdgeprefillError
 
 
 def add_parser(sub):
-    from apps.generate import add_model_args
+    from apps.generate import add_kvp_tail_arg, add_model_args
 
     p = sub.add_parser("eval", help="quality of prefill strategies vs the exact prefill")
     add_model_args(p)
@@ -15,6 +15,7 @@ def add_parser(sub):
                    help="strategy, or a comma list: full, kvp, aux-only, lazy (default kvp)")
     p.add_argument("--kvp", default=None, metavar="FOLDER",
                    help="KV Prediction artifact for kvp / aux-only (default: the default pair)")
+    add_kvp_tail_arg(p)
     p.add_argument("--data", default=None, metavar="FILE.jsonl",
                    help='{"prompt", "continuation"} lines (default: 40 built-in held-out pairs '
                    "of code and prose, ~384-token prompts)")
@@ -53,6 +54,7 @@ def run(args):
         full = strategy_flops("full", lm.config, n_prompt)
         aux = getattr(strategy, "aux", None)
         results.append({"strategy": name, "aux": aux.kind if aux else None,
+                        **({"tail": strategy.tail} if hasattr(strategy, "tail") else {}),
                         "ttft_flops": fl, "flops_ratio": fl / full if fl else None, **q})
     payload = {"model": lm.model_id, "data": args.data or BUILTIN_PAIRS,
                "prompt_tokens_mean": n_prompt, "results": results}

@@ -15,6 +15,22 @@ def add_model_args(p):
                    help="activation/weight dtype (auto: float32 on CPU, as stored on GPU)")
 
 
+def add_kvp_tail_arg(p):
+    """--kvp-tail, shared by the commands that run kvp."""
+    p.add_argument("--kvp-tail", type=int, default=None, metavar="T",
+                   help="kvp / runahead-kvp: the base runs the prompt's last T tokens itself, "
+                   "over the predicted cache of the rest (default: the pair's card; 1 is the "
+                   "paper; more costs more FLOPs and tracks the base closer)")
+
+
+def kvp_tail(args):
+    """--kvp-tail if given (checked), else None: the card decides."""
+    tail = getattr(args, "kvp_tail", None)
+    if tail is not None and tail < 1:
+        raise EdgeprefillError(f"--kvp-tail must be >= 1 (got {tail})")
+    return tail
+
+
 def add_parser(sub):
     p = sub.add_parser("generate", help="generate an answer to one prompt")
     add_model_args(p)
@@ -28,6 +44,7 @@ def add_parser(sub):
                    help="KV Prediction artifact for --strategy kvp / aux-only / runahead-kvp (default: the "
                    "model's T-0.50 artifact from `edgeprefill kvp fit`; fitted on first use "
                    "for the default model)")
+    add_kvp_tail_arg(p)
     p.add_argument("--workers", type=int, default=2,
                    help="runahead / tsp / runahead-kvp: local worker processes")
     p.add_argument("--hostfile", default=None,
@@ -62,14 +79,18 @@ def validate_sampling(args):
 
 def strategy_options(args, lm, name=None):
     """Options for make_strategy from the command line (kvp, aux-only: the artifact folder;
-    the default pair is fitted on first use for the bundled model)."""
-    if (name or args.strategy) not in ("kvp", "aux-only", "runahead-kvp"):
+    the default pair is fitted on first use for the bundled model; kvp, runahead-kvp: the
+    --kvp-tail if given)."""
+    name = name or args.strategy
+    if name not in ("kvp", "aux-only", "runahead-kvp"):
         return {}
     from apps.kvp import default_artifact_path, ensure_default_artifact
 
+    tail = kvp_tail(args)
+    opts = {"tail": tail} if tail is not None and name != "aux-only" else {}
     if args.kvp:
-        return {"artifact": args.kvp}
-    return {"artifact": ensure_default_artifact(lm, default_artifact_path(lm.model_id))}
+        return {"artifact": args.kvp, **opts}
+    return {"artifact": ensure_default_artifact(lm, default_artifact_path(lm.model_id)), **opts}
 
 
 def stats_line(stats):
@@ -118,12 +139,13 @@ def run_parallel(args, lm, ids, err):
     """runahead / tsp / runahead-kvp: the workers prefill (and the last one decodes greedily); print the text."""
     from apps.runahead import run_prefill
 
-    artifact = strategy_options(args, lm).get("artifact")
+    opts = strategy_options(args, lm)
     if args.temp > 0:
         raise EdgeprefillError(f"--strategy {args.strategy} decodes greedily on the last worker: "
                                "use --temp 0")
     r = run_prefill(lm, ids, args.strategy, args.workers, max_tokens=args.max_tokens,
-                    hostfile=args.hostfile, dtype=args.dtype, artifact=artifact)
+                    hostfile=args.hostfile, dtype=args.dtype, artifact=opts.get("artifact"),
+                    tail=opts.get("tail"))
     eos = set(lm.tokenizer.eos_token_ids)
     tokens = r["tokens"]
     cut = next((k for k, t in enumerate(tokens) if t in eos), len(tokens))

@@ -266,16 +266,17 @@ def run_jobs(lm, jobs, n_workers, timeout=300, hostfile=None, dtype="auto", back
 
 def run_prefill(lm, ids, strategy, n_workers, timeout=300, sizes=None, check=False,
                 max_tokens=0, trials=1, hostfile=None, alpha=None, dtype="auto", backend="auto",
-                artifact=None, continuation=None):
+                artifact=None, continuation=None, tail=None):
     """Launch the workers on `ids`; the last rank's JSON result (runahead-kvp: `artifact`
-    is the KV Prediction folder every worker loads)."""
+    is the KV Prediction folder every worker loads, `tail` its exact tail if not the card's)."""
     if strategy == "runahead-kvp" and not artifact:
         raise EdgeprefillError("runahead-kvp needs a KV Prediction artifact: pass --kvp FOLDER")
     if artifact and artifact != RANDOM_PAIR:
         artifact = str(Path(artifact).resolve())
-        kvp_for(lm, artifact)  # refuse a bad artifact before launching
+        kvp_for(lm, artifact, tail)  # refuse a bad artifact before launching
     job = {"strategy": strategy, "ids": list(ids), "sizes": sizes, "alpha": alpha,
            "trials": trials, "check": check, "max_tokens": max_tokens, "artifact": artifact,
+           "tail": tail,
            "continuation": list(continuation) if continuation else None}
     return run_jobs(lm, [job], n_workers, timeout, hostfile, dtype, backend)["results"][0]
 
@@ -327,7 +328,7 @@ def handoff_for(backend):
     return "allsum" if backend == "nccl" and mx.cuda.is_available() else "sendrecv"
 
 
-_KVP = {}  # artifact path -> KVPrediction, loaded once per worker process
+_KVP = {}  # (artifact path, tail) -> KVPrediction, loaded once per worker process
 
 
 def job_strategy(lm, group, job, handoff):
@@ -345,23 +346,26 @@ def job_strategy(lm, group, job, handoff):
     else:
         sizes = None
     if job["strategy"] == "runahead-kvp":
-        return RunaheadKVPrediction(kvp_for(lm, job["artifact"]), group, sizes,
+        return RunaheadKVPrediction(kvp_for(lm, job["artifact"], job.get("tail")), group, sizes,
                                     handoff=handoff)
     cls = RunaheadPrefill if job["strategy"] == "runahead" else TspPrefill
     return cls(lm.model, group, sizes, handoff=handoff)
 
 
-def kvp_for(lm, artifact):
-    """The KVPrediction of an artifact folder (or RANDOM_PAIR), loaded once per process."""
+def kvp_for(lm, artifact, tail=None):
+    """The KVPrediction of an artifact folder (or RANDOM_PAIR), loaded once per process;
+    `tail`: its exact tail (default: the card's)."""
     from edgeprefill.prefill import make_strategy
 
-    if artifact not in _KVP:
-        _KVP[artifact] = (random_kvp(lm) if artifact == RANDOM_PAIR
-                          else make_strategy("kvp", lm.model, artifact=artifact))
-    return _KVP[artifact]
+    key = (artifact, tail)
+    if key not in _KVP:
+        opts = {} if tail is None else {"tail": tail}
+        _KVP[key] = (random_kvp(lm, **opts) if artifact == RANDOM_PAIR
+                     else make_strategy("kvp", lm.model, artifact=artifact, **opts))
+    return _KVP[key]
 
 
-def random_kvp(lm):
+def random_kvp(lm, tail=1):
     """kvp with the random T-0.50 pair of a random-weight model, the same on every rank."""
     import mlx.core as mx
 
@@ -371,7 +375,7 @@ def random_kvp(lm):
     if not lm.model_id.startswith("random:"):
         raise EdgeprefillError(f"{RANDOM_PAIR} is for random-weight shapes (--shape) only")
     mx.random.seed(0)
-    return KVPrediction(lm.model, *random_kvp_pair(lm, None, lm.model.dtype))
+    return KVPrediction(lm.model, *random_kvp_pair(lm, None, lm.model.dtype), tail=tail)
 
 
 def run_job(lm, group, job, index, handoff):

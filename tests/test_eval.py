@@ -75,6 +75,18 @@ def test_eval_cli_reports_every_metric(tiny_models, cli_env, tmp_path):
         for key in ("first_token_kl", "nll", "nll_exact", "nll_ratio", "ttft_s"):
             assert np.isfinite(x[key])
         assert 0 <= x["near_ties"] <= 3 and 0 <= x["misses_second_choice"] <= 3
+    assert res["kvp"]["tail"] == 1  # the card's
+    # --kvp-tail overrides the card: a tail covering the whole prompt is the exact prefill
+    r = _cli(["eval", "--model", model, "--strategy", "kvp", "--kvp", str(art), "--kvp-tail",
+              "64", "--data", str(data), "--greedy-tokens", "4", "--json"], cli_env)
+    assert r.returncode == 0, r.stderr
+    x = json.loads(r.stdout)["results"][0]
+    assert x["tail"] == 64 and x["first_token_kl"] < 1e-6 and x["nll_ratio"] < 1 + 1e-5
+    assert x["flops_ratio"] > res["kvp"]["flops_ratio"]
+    r = _cli(["eval", "--model", model, "--kvp", str(art), "--kvp-tail", "0", "--data",
+              str(data)], cli_env)
+    assert r.returncode == 1 and "--kvp-tail must be >= 1" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "continuation": "b"}\n{"prompt": "x"}\n')
     r = _cli(["eval", "--model", model, "--strategy", "full", "--data", str(bad)], cli_env)

@@ -74,6 +74,20 @@ def test_bench_kvp_rows_plot_and_speed_only_modes(tiny_models, cli_env, tmp_path
     for key in ("first_token_agreement", "first_token_kl", "nll_ratio"):
         assert abs(ra[key] - recs["kvp"][key]) < 1e-4, key
     assert png.read_bytes()[:4] == b"\x89PNG"
+    # --kvp-tail: kvp and runahead-kvp both run the base over the last 4 tokens
+    r = subprocess.run([sys.executable, "-m", "apps.cli", "bench", "--model", model,
+                        "--strategies", "kvp,runahead-kvp", "--kvp", str(art), "--kvp-tail", "4",
+                        "--prompt-tokens", "24", "--trials", "1", "--continuation", "8",
+                        "--json", str(out)], env=cli_env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["header"]["kvp_tail"] == 4
+    t4 = {x["strategy"]: x for x in data["records"]}
+    assert t4["kvp"]["ttft_flops"] > recs["kvp"]["ttft_flops"]
+    assert t4["runahead-kvp"]["ttft_flops"] == t4["kvp"]["ttft_flops"]
+    for key in ("first_token_kl", "nll_ratio"):
+        assert abs(t4["runahead-kvp"][key] - t4["kvp"][key]) < 1e-4, key
     # speed only: random tokens, and a random-weight shape; quality is omitted, not faked
     for extra in (["--model", model, "--random-tokens"],
                   ["--shape", "tiny", "--strategies", "full,kvp,runahead-kvp"],
