@@ -107,12 +107,14 @@ def run_export(args):
                   layout=args.layout, compute_units=args.compute_units,
                   export_s=round(time.perf_counter() - started, 1))
     if card is not None:
-        report["kvp_card"] = {"aux": card["aux"]["kind"], "quality": card.get("quality")}
+        report["kvp_card"] = {"aux": card["aux"]["kind"], "tail": card.get("tail", 1),
+                              "quality": card.get("quality")}
     if args.verify:
         from converters.coreml.verify import verify_package
 
         report["verify"] = verify_package(out, mirror, pred, aux, args.chunk,
-                                          prompt_ids=held_out_prompt(lm, args.chunk))
+                                          prompt_ids=held_out_prompt(lm, args.chunk),
+                                          tail=card.get("tail", 1) if card else 1)
     print_report(report, out)
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=2))

@@ -90,6 +90,16 @@ def test_package_matches_the_mirror_in_the_interpreter(tiny_models, tmp_path, fa
     report = verify_package(out, mirror, pred, aux, CHUNK, PROMPT)
     assert set(report) == {"prefill", "decode", "kvp_prefill"}
     _check(report, 1e-2)
+    # an exact tail (the card's): kvp_prefill over the head, then prefill over the tail, in
+    # one chunk (3) or across two (20 > CHUNK), against the mirror's KVPrediction
+    from converters.coreml.export import load_program
+    from converters.coreml.verify import verify_kvp
+
+    prog = load_program(out)
+    for tail in (3, 20):
+        r = verify_kvp(out, prog, mirror, pred, aux, CHUNK, PROMPT, tail, CONTEXT)
+        assert r["tail"] == tail and r["top1_match"], r
+        assert r["rel_logit_diff"] < 1e-2 and r["max_state_diff"] < 1e-2, r
     rep = package_report(out)
     m = lm.model
     shape = [m.n_layers, m.n_kv_heads, CONTEXT, m.head_dim]

@@ -5,6 +5,7 @@
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     tokens = runner.generate(ids, max_tokens=16)          # prefill chunks, then decode steps
     print(tokenizer.decode(tokens))
+    tokens = runner.generate(ids, kvp=True, tail=32)      # KV Prediction (a fresh runner)
 
 Every function shares the key_cache / value_cache state, so one state made once carries the
 prompt from `prefill` (or `kvp_prefill`) into `decode`.
@@ -20,9 +21,10 @@ class PackageRunner:
         path: the .mlpackage.
         backend: 'coreml' (macOS), 'interpreter' (numpy, anywhere) or 'auto'.
         compute_units: for Core ML: 'ane' (CPU + Neural Engine), 'gpu' or 'all'.
+        program: for the interpreter, the package's program if already loaded.
     """
 
-    def __init__(self, path, backend="auto", compute_units="ane"):
+    def __init__(self, path, backend="auto", compute_units="ane", program=None):
         if backend == "auto":
             backend = "coreml" if platform.system() == "Darwin" else "interpreter"
         self.backend = backend
@@ -41,7 +43,7 @@ class PackageRunner:
             from converters.coreml.mil_interp import Interpreter
             from converters.coreml.verify import empty_states
 
-            prog = load_program(self.path)
+            prog = program if program is not None else load_program(self.path)
             self.interp = Interpreter(prog)
             self.state = empty_states(prog)
         self.chunk = self._chunk_len()
@@ -92,14 +94,27 @@ class PackageRunner:
         self.position += 1
         return self._call("decode", feeds)["logits"]
 
-    def generate(self, ids, max_tokens=16, kvp=False, eos=()):
-        """Greedy tokens after the prompt `ids` (kvp: aux + predictor for ids[:-1], then the
-        base step on the last token)."""
-        if kvp:
-            self.prefill(ids[:-1], "kvp_prefill")
-            logits = self.decode(ids[-1])
-        else:
-            logits = self.prefill(ids)
+    def kvp_prefill(self, ids, tail=1):
+        """KV Prediction of the prompt `ids`: kvp_prefill (aux + predictor) over all but its
+        last `tail` tokens, then the base over those, attending to the predicted cache
+        (`decode` for one token, `prefill` for more; the pair's card names its tail, the
+        paper's is 1). Returns the last token's logits."""
+        if tail < 1:
+            raise ValueError(f"tail must be >= 1 (got {tail})")
+        t = min(tail, len(ids))
+        if len(ids) > t:
+            self.prefill(ids[:-t], "kvp_prefill")
+        if t == 1 and "decode" in self._function_names():
+            return self.decode(ids[-1])
+        return self.prefill(ids[-t:])
+
+    def _function_names(self):
+        return set(self.models if self.backend == "coreml" else self.interp.program.functions)
+
+    def generate(self, ids, max_tokens=16, kvp=False, eos=(), tail=1):
+        """Greedy tokens after the prompt `ids` (kvp: KV Prediction with an exact `tail`, see
+        kvp_prefill)."""
+        logits = self.kvp_prefill(ids, tail) if kvp else self.prefill(ids)
         out = []
         for _ in range(max_tokens):
             tok = int(np.argmax(np.asarray(logits).reshape(-1)))

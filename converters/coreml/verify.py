@@ -3,9 +3,9 @@ runs in the numpy interpreter and is compared with the torch mirror on the same 
 included (on macOS the tests also run Core ML's own predict).
 
 The prompt is prefilled chunk by chunk through `prefill` (the last chunk padded), one token is
-decoded through `decode`, and with a KV Prediction pair the prompt but its last token goes
-through `kvp_prefill` and the last token through `decode` (the base step), against the mirror's
-KVPrediction strategy.
+decoded through `decode`, and with a KV Prediction pair the prompt but its last `tail` tokens
+goes through `kvp_prefill` and the tail through `decode` (one token, the paper's base step) or
+`prefill` (PackageRunner.kvp_prefill), against the mirror's KVPrediction strategy.
 """
 
 import numpy as np
@@ -81,9 +81,10 @@ def mirror_reference(mirror, ids, context, chunk):
     return cache, logits.float().numpy()
 
 
-def verify_package(path, mirror, predictor=None, aux=None, chunk=64, prompt_ids=None):
+def verify_package(path, mirror, predictor=None, aux=None, chunk=64, prompt_ids=None, tail=1):
     """{function: differences} for every function of the package at `path` (kvp_prefill
-    against the mirror's KV Prediction with `predictor` and the mirror AuxModel `aux`)."""
+    against the mirror's KV Prediction with `predictor`, the mirror AuxModel `aux` and an
+    exact tail of `tail` tokens)."""
     import torch
 
     from converters.coreml.export import load_program
@@ -106,15 +107,26 @@ def verify_package(path, mirror, predictor=None, aux=None, chunk=64, prompt_ids=
             ref2 = mirror(torch.tensor([[nxt]]), cache)[0, -1].float().numpy()
         report["decode"] = compare(out["logits"], ref2, states, cache, n + 1)
     if "kvp_prefill" in prog.functions and predictor is not None:
-        from edgeprefill.mirror.prefill.kv_prediction import KVPrediction
-
-        strat = KVPrediction(mirror, aux, predictor, chunk_size=chunk, tail=1)
-        kcache = strat.make_cache(context)
-        kcache, kref, _ = strat.prefill(ids, kcache)
-        _, states = run_prompt(run, "kvp_prefill", ids[:-1], chunk, dict(states0))
-        out, states = decode_one(run, ids[-1], n - 1, states)
-        report["kvp_prefill"] = compare(out["logits"], kref.numpy(), states, kcache, n)
+        report["kvp_prefill"] = verify_kvp(path, prog, mirror, predictor, aux, chunk, ids, tail,
+                                           context)
         # and against the exact prefill: what KV Prediction approximates
-        report["kvp_prefill"]["top1_match_exact"] = bool(np.argmax(out["logits"]) ==
-                                                         np.argmax(ref))
+        report["kvp_prefill"]["top1_match_exact"] = bool(
+            report["kvp_prefill"].pop("argmax") == np.argmax(ref))
     return report
+
+
+def verify_kvp(path, prog, mirror, predictor, aux, chunk, ids, tail, context):
+    """The package's KV Prediction of `ids` with an exact tail (PackageRunner.kvp_prefill, in
+    the interpreter) against the mirror's KVPrediction; compare()'s fields and 'argmax'."""
+    from converters.coreml.run import PackageRunner
+    from edgeprefill.mirror.prefill.kv_prediction import KVPrediction
+
+    strat = KVPrediction(mirror, aux, predictor, chunk_size=chunk, tail=tail)
+    kcache = strat.make_cache(context)
+    kcache, kref, _ = strat.prefill(ids, kcache)
+    runner = PackageRunner(path, backend="interpreter", program=prog)
+    logits = runner.kvp_prefill(ids, tail)
+    res = compare(logits, kref.numpy(), runner.state, kcache, len(ids))
+    res["tail"] = tail
+    res["argmax"] = int(np.argmax(logits))
+    return res
