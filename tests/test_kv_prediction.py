@@ -255,7 +255,7 @@ def test_compact_aux_fit_generate_and_tokenizer_refusal(tiny_models, cli_env, tm
 def test_bundled_default_pair_is_complete():
     """The trained T-0.50 pair shipped for the default model: card, weights and layer map agree
     (SmolLM2-135M: 30 layers, 3 KV heads of 64, hidden 576; 15 predicted layers; trained
-    copies of the aux's last 4 blocks; an exact tail of 32)."""
+    copies of the aux's last 4 blocks; an exact tail of 32, trained for)."""
     import json
 
     import mlx.core as mx
@@ -271,6 +271,7 @@ def test_bundled_default_pair_is_complete():
     assert w["k_proj.0.weight"].shape == (192, 2 * 576) and w["v_proj.14.bias"].shape == (192,)
     assert card["quality"]["pairs"] == 40 and card["quality"]["nll_ratio"] <= 1.10
     assert card["tail"] == 32  # the base runs the prompt's last 32 tokens itself
+    assert card["fit"]["train_tail"] == 32  # and it was trained for every tail up to that
     aux = mx.load(str(folder / "aux.safetensors"))
     assert card["aux"]["weights"] == "aux.safetensors"
     assert card["aux"]["trained_layers"] == [11, 12, 13, 14]
