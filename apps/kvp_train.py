@@ -93,6 +93,10 @@ def _check(args):
     if args.train_tail not in (None, 1) and args.self_kv != "exact":
         raise EdgeprefillError("--train-tail needs --self-kv exact (the tail's own K/V are "
                                "exact): drop --self-kv predicted or --train-tail")
+    if _train_tail(args) >= args.seq:
+        raise EdgeprefillError(f"--train-tail {_train_tail(args)} (default: --tail) must be below "
+                               f"--seq {args.seq}, or no position trains on predicted K/V: pass "
+                               "a smaller --train-tail or a longer --seq")
 
 
 def _train_tail(args):

@@ -419,7 +419,9 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
                      (["--kv-weight", "-1"], "--kv-weight must be >= 0"),
                      (["--tail", "0"], "--tail and --train-tail must be >= 1"),
                      (["--self-kv", "predicted", "--train-tail", "8"],
-                      "--train-tail needs --self-kv exact")):
+                      "--train-tail needs --self-kv exact"),
+                     (["--tail", "16", "--seq", "16"], "--train-tail 16 (default: --tail) must "
+                      "be below --seq 16")):
         r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", "--model",
                             lm.spec, "--out", str(tmp_path / "x")] + bad, env=cli_env,
                            capture_output=True, text=True, timeout=300)
