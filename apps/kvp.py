@@ -19,6 +19,24 @@ def add_fit_args(p):
                    "(auto: hidden for T, kv for LP)")
 
 
+def add_rank_arg(p):
+    p.add_argument("--predictor-rank", type=int, default=None, metavar="R",
+                   help="a low-rank predictor: one shared (input -> R) map, then R -> K/V per "
+                   "layer; the best rank-R approximation of the fit on the fitting text's "
+                   "inputs (hidden-state inputs; fewer FLOPs, see README)")
+
+
+def check_rank_arg(rank, source):
+    """Raise EdgeprefillError unless --predictor-rank suits the predictor input."""
+    from edgeprefill.kvp.predictor import check_rank
+
+    try:
+        check_rank(rank, source)
+    except ValueError as e:
+        raise EdgeprefillError(f"--predictor-rank {rank}: {e}; pass a positive rank with "
+                               "--input hidden, hidden-in or hidden2, or drop the option") from None
+
+
 def add_parser(sub):
     from apps.generate import add_model_args
 
@@ -32,6 +50,7 @@ def add_parser(sub):
     f.add_argument("--aux-model", default=None,
                    help="KVP-C: the smaller model (same tokenizer) used as the aux")
     add_fit_args(f)
+    add_rank_arg(f)
     f.add_argument("--eval-pairs", type=int, default=16,
                    help="held-out pairs to measure quality on for the card (0: skip)")
     f.add_argument("--out", default=None, help="artifact folder (default: the model's "
@@ -56,8 +75,9 @@ def add_parser(sub):
     add_train_parser(ksub)
 
 
-def default_artifact_path(model_id, aux=DEFAULT_AUX, source=None):
-    """Where `kvp fit` puts, and `--strategy kvp` looks for, a model's artifact."""
+def default_artifact_path(model_id, aux=DEFAULT_AUX, source=None, rank=None):
+    """Where `kvp fit` puts, and `--strategy kvp` looks for, a model's artifact (a low-rank
+    one gets its own folder, `-r<rank>`)."""
     from edgeprefill.kvp.aux import parse_aux_kind
     from edgeprefill.loading import cache_dir
 
@@ -67,6 +87,7 @@ def default_artifact_path(model_id, aux=DEFAULT_AUX, source=None):
     source = source or ("hidden" if kind == "T" else "kv")
     safe = model_id.replace("/", "--")
     suffix = "" if source == ("hidden" if kind == "T" else "kv") else f"-{source}"
+    suffix += f"-r{rank}" if rank else ""
     return cache_dir() / "kvp" / f"{safe}-{kind}-{fraction:.2f}{suffix}"
 
 
@@ -78,21 +99,23 @@ def resolve_source(aux_spec, source):
     return source
 
 
-def build_predictor(base, aux_spec, source, aux_lm=None, tokenizer=None):
+def build_predictor(base, aux_spec, source, aux_lm=None, tokenizer=None, rank=None):
     """(aux, empty KVPredictor) for an aux kind and predictor input (C: aux_lm, a LoadedModel
-    checked against the base's tokenizer)."""
+    checked against the base's tokenizer); `rank`: a low-rank predictor."""
     from edgeprefill.kvp.aux import make_aux
     from edgeprefill.kvp.predictor import KVPredictor, input_dim
 
     aux, layer_map, exact = make_aux(base, aux_spec, aux_lm, tokenizer)
     in_dim = input_dim(aux, source)
-    return aux, KVPredictor(layer_map, in_dim, base.n_kv_heads, base.head_dim, source, exact)
+    return aux, KVPredictor(layer_map, in_dim, base.n_kv_heads, base.head_dim, source, exact,
+                            rank)
 
 
 def fit_artifact(lm, aux_spec, out, source="auto", tokens=30000, chunk=256, lam=1e-3,
-                 eval_refs=None, console=None, aux_lm=None):
-    """Fit an artifact by ridge with a progress bar, measure it on `eval_refs` (evaluate.
-    Reference list) if given, write it atomically. Returns (path, quality dict)."""
+                 eval_refs=None, console=None, aux_lm=None, rank=None):
+    """Fit an artifact by ridge with a progress bar (`rank`: then reduce it to a low-rank
+    predictor), measure it on `eval_refs` (evaluate.Reference list) if given, write it
+    atomically. Returns (path, quality dict)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -103,6 +126,7 @@ def fit_artifact(lm, aux_spec, out, source="auto", tokens=30000, chunk=256, lam=
     if tokens < chunk or chunk < 8:
         raise EdgeprefillError("--tokens must be >= --chunk and --chunk >= 8")
     source = resolve_source(aux_spec, source)
+    check_rank_arg(rank, source)
     base = lm.model
     aux, pred = build_predictor(base, aux_spec, source, aux_lm, lm.tokenizer)
     chunks = fit_chunks(lm.tokenizer, tokens, chunk)
@@ -111,8 +135,9 @@ def fit_artifact(lm, aux_spec, out, source="auto", tokens=30000, chunk=256, lam=
     with Progress(TextColumn("fitting {task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} tokens"), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
-        task = bar.add_task(f"{aux.kind} ({source})", total=total)
-        pred, used = fit_ridge(base, aux, pred, chunks, lam=lam,
+        task = bar.add_task(f"{aux.kind} ({source}{f', rank {rank}' if rank else ''})",
+                            total=total)
+        pred, used = fit_ridge(base, aux, pred, chunks, lam=lam, rank=rank,
                                progress=lambda done: bar.update(task, completed=done))
     quality = {}
     if eval_refs:
@@ -239,6 +264,7 @@ def run_fit(args):
     kind, _ = parse_aux_kind(args.aux)
     if (kind == "C") != bool(args.aux_model):
         raise EdgeprefillError("--aux C and --aux-model go together: pass both or neither")
+    check_rank_arg(args.predictor_rank, source)
     lm = load(args.model, dtype=args.dtype)
     aux_lm = load(args.aux_model, dtype=args.dtype) if args.aux_model else None
     console = Console(stderr=True)
@@ -249,12 +275,13 @@ def run_fit(args):
         out = default_artifact_path(lm.model_id, "LP-0.50").with_name(
             f"{lm.model_id}-C-{aux_lm.model_id}".replace("/", "--"))
     else:
-        out = default_artifact_path(lm.model_id, args.aux, source)
+        out = default_artifact_path(lm.model_id, args.aux, source, args.predictor_rank)
     path, q = fit_artifact(lm, args.aux, out, source, args.tokens, args.chunk, args.lam, refs,
-                           console, aux_lm)
+                           console, aux_lm, args.predictor_rank)
     card_q = (f"; held-out agreement {q['first_token_agreement']:.2f}, KL "
               f"{q['first_token_kl']:.3f}, NLL ratio {q['nll_ratio']:.2f}" if q else "")
-    console.print(f"wrote {path} ({args.aux}, {source} predictor{card_q})")
+    rank = f" of rank {args.predictor_rank}" if args.predictor_rank else ""
+    console.print(f"wrote {path} ({args.aux}, {source} predictor{rank}{card_q})")
     return 0
 
 

@@ -9,7 +9,7 @@ from edgeprefill.errors import EdgeprefillError
 
 def add_train_parser(ksub):
     from apps.generate import add_model_args
-    from apps.kvp import DEFAULT_AUX
+    from apps.kvp import DEFAULT_AUX, add_rank_arg
 
     t = ksub.add_parser("train", help="train predictor (and aux) with the paper's loss")
     add_model_args(t)
@@ -19,6 +19,7 @@ def add_train_parser(ksub):
                    help="predictor input (auto: hidden for T, kv for LP)")
     t.add_argument("--init", default=None, metavar="FOLDER",
                    help="start from this artifact's predictor (default: a ridge fit first)")
+    add_rank_arg(t)
     t.add_argument("--train-aux", default="auto", choices=["auto", "yes", "no"],
                    help="train copies of the aux's blocks too (auto: yes for LP, no for T, "
                    "whose aux is the base's own exact layers)")
@@ -122,12 +123,28 @@ def _grown(aux, k):
     return grow_copies(aux, want)
 
 
+def _reduced(lm, aux, pred, rank, tokens, console):
+    """--init with a full-rank predictor and --predictor-rank: its best rank-R approximation
+    on the inputs of `tokens` tokens of the default fitting text."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgeprefill.data import fit_chunks
+    from edgeprefill.kvp.fit import input_moments, reduce_rank
+
+    chunks = fit_chunks(lm.tokenizer, tokens, 256)
+    with Progress(TextColumn(f"rank {rank} init {{task.description}}"), BarColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("input moments", total=sum(len(c) for c in chunks))
+        moments = input_moments(aux, pred, chunks, lambda d: bar.update(task, completed=d))
+    return reduce_rank(pred, rank, moments)
+
+
 def run_train(args):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from apps.kvp import (build_predictor, builtin_refs, default_artifact_path, evaluate_refs,
-                          make_kvp_strategy, resolve_source)
+    from apps.kvp import (build_predictor, builtin_refs, check_rank_arg, default_artifact_path,
+                          evaluate_refs, make_kvp_strategy, resolve_source)
     from edgeprefill.data import (BUILTIN_PAIRS, FIT_DATA, SITE_FIT_DATA, WIDE_FIT_DATA,
                                   fit_chunks)
     from edgeprefill.kvp.artifact import load_artifact, save_artifact
@@ -138,18 +155,21 @@ def run_train(args):
     _check(args)
     kind, _ = parse_aux_kind(args.aux)
     source = resolve_source(args.aux, args.input)
+    rank = args.predictor_rank
+    check_rank_arg(rank, source)
     train_aux = (args.train_aux == "yes" or args.train_aux_layers > 0
                  or (args.train_aux == "auto" and kind != "T"))
     lm = load(args.model, dtype=args.dtype)
     base = lm.model
     console = Console(stderr=True)
     out = Path(args.out) if args.out else Path(
-        str(default_artifact_path(lm.model_id, args.aux, source)) + "-trained")
+        str(default_artifact_path(lm.model_id, args.aux, source, rank)) + "-trained")
     ckpt = Path(str(out) + ".ckpt")
     if args.resume and not (ckpt / "state.json").is_file():
         raise EdgeprefillError(f"--resume but no checkpoint at {ckpt}: run without --resume")
 
-    aux, pred = build_predictor(base, args.aux, source)
+    aux, pred = build_predictor(base, args.aux, source, rank=rank if args.resume else None)
+    rank_init = None
     if args.train_aux_layers > len(aux.layers):
         raise EdgeprefillError(f"--train-aux-layers {args.train_aux_layers}: the aux has only "
                                f"{len(aux.layers)} blocks")
@@ -160,6 +180,10 @@ def run_train(args):
                                    f"{aux.kind}/{source}: pick a matching one")
         aux = init_aux
         init_fit = card.get("fit", {})
+        if rank and pred.rank not in (None, rank):
+            raise EdgeprefillError(f"--predictor-rank {rank}: the --init pair's predictor has "
+                                   f"rank {pred.rank}; pass --predictor-rank {pred.rank} or "
+                                   "drop the option")
         if hasattr(aux.model, "copied"):  # the pair's trained copies train on with it
             if args.train_aux == "no":
                 raise EdgeprefillError(f"--train-aux no: the --init pair's aux blocks "
@@ -168,12 +192,17 @@ def run_train(args):
             train_aux = True
             if args.train_aux_layers:
                 aux = _grown(aux, args.train_aux_layers)
+        if rank and not pred.rank:  # resuming: the checkpoint holds the low-rank weights
+            pred = (build_predictor(base, args.aux, source, rank=rank)[1] if args.resume
+                    else _reduced(lm, aux, pred, rank, args.ridge_tokens, console))
+            rank_init = {"from": "the --init pair's full-rank predictor", "rank": rank,
+                         "moments_tokens": args.ridge_tokens}  # (a resumed run's start too)
     elif not args.resume:
         chunks = fit_chunks(lm.tokenizer, args.ridge_tokens, 256)
         with Progress(TextColumn("ridge init {task.description}"), BarColumn(),
                       TimeElapsedColumn(), console=console, transient=True) as bar:
             task = bar.add_task(aux.kind, total=sum(len(c) for c in chunks))
-            pred, _ = fit_ridge(base, aux, pred, chunks,
+            pred, _ = fit_ridge(base, aux, pred, chunks, rank=rank,
                                 progress=lambda d: bar.update(task, completed=d))
     with console.status(f"fitting text: {args.tokens} tokens of the {args.data} set "
                         "(tokenized once, then read from the cache)"):
@@ -256,6 +285,8 @@ def run_train(args):
     if args.init:  # what training continued from
         fit_info["init"] = {"artifact": Path(args.init).name, **{
             k: init_fit[k] for k in ("method", "steps", "data") if k in init_fit}}
+    if rank_init:  # the predictor was reduced to low rank before training
+        fit_info["rank_init"] = rank_init
     save_artifact(out, pred, aux, base, lm.model_id, fit_info, quality, tail=args.tail,
                   aux_weights=aux_weights)
     q = (f"; held-out agreement {quality['first_token_agreement']:.2f}, NLL ratio "

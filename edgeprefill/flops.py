@@ -36,11 +36,11 @@ def prefill_flops(config, n_tokens, n_past=0, layers=None):
 
 
 def kvp_flops(config, n_tokens, aux_layers, predictor_in=None, predicted_layers=None,
-              n_past=0, aux_config=None, tail=1):
+              n_past=0, aux_config=None, tail=1, predictor_token_flops=None):
     """KV Prediction TTFT FLOPs: an aux of `aux_layers` blocks (of `aux_config`, default the
-    base's) over N-tail tokens (no LM head), the predictor (a K and a V Linear of width
-    `predictor_in` per predicted base layer, default all, on each of those tokens), and the
-    base over the last `tail` tokens (1 in the paper) attending to all N positions."""
+    base's) over N-tail tokens (no LM head), the predictor (per token `predictor_token_flops`,
+    default a K and a V Linear of width `predictor_in` per predicted base layer, default all),
+    and the base over the last `tail` tokens (1 in the paper) attending to all N positions."""
     d = config["hidden_size"]
     h = config["num_attention_heads"]
     hkv = config.get("num_key_value_heads") or h
@@ -52,7 +52,9 @@ def kvp_flops(config, n_tokens, aux_layers, predictor_in=None, predicted_layers=
     m = n_tokens - tail
     acfg = aux_config or config
     aux = aux_layers * (m * layer_matmul_flops(acfg) + attention_flops(acfg, m, n_past))
-    predictor = predicted_layers * m * 2 * 2 * (predictor_in + 1) * hkv * hd
+    if predictor_token_flops is None:
+        predictor_token_flops = predicted_layers * 2 * 2 * (predictor_in + 1) * hkv * hd
+    predictor = m * predictor_token_flops
     base_step = prefill_flops(config, tail, n_past=n_past + m)
     return aux + predictor + base_step
 
@@ -110,7 +112,8 @@ def flops_options(strategy):
         opts["aux_config"] = aux.model.config  # KVP-C: a model of its own shape
     pred = getattr(strategy, "predictor", None)
     if pred is not None:
-        opts.update(predictor_in=pred.in_dim, predicted_layers=len(pred.predicted),
+        out = pred.k_proj[0].weight.shape[0] if pred.k_proj else 0  # (out, in) Linears
+        opts.update(predictor_token_flops=pred.token_flops(out),
                     tail=getattr(strategy, "tail", 1))
     return opts
 

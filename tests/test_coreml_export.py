@@ -21,10 +21,10 @@ CHUNK, CONTEXT = 16, 64
 PROMPT = [(7 * i + 3) % 300 for i in range(25)]  # 1.5 chunks + 1: a padded last chunk
 
 
-def _t_pair(lm, source="hidden", copies=0):
+def _t_pair(lm, source="hidden", copies=0, rank=None):
     """A ridge-fitted KVP-T 0.50 pair on random text: (MLX aux, MLX predictor, torch
     predictor, mirror aux, mirror base); `copies`: its last blocks become perturbed copies
-    (as after `kvp train --train-aux-layers`)."""
+    (as after `kvp train --train-aux-layers`); `rank`: a low-rank predictor."""
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_unflatten
 
@@ -49,7 +49,7 @@ def _t_pair(lm, source="hidden", copies=0):
                        exact)
     rng = np.random.default_rng(1)
     pred, _ = fit_ridge(m, aux, pred, [rng.integers(3, m.vocab_size, 40).tolist()
-                                       for _ in range(6)], lam=1e-3)
+                                       for _ in range(6)], lam=1e-3, rank=rank)
     mirror = mirror_from_mlx(m)
     return aux, pred, predictor_to_torch(pred), aux_to_torch(aux, mirror), mirror
 
@@ -76,16 +76,19 @@ def _check(report, rel, cos=0.999):
         assert r["max_state_diff"] < max(rel, 1e-2), (fn, r)
 
 
-@pytest.mark.parametrize("family,layout,copies", [("llama", "default", 0), ("qwen3", "ane", 1)])
+@pytest.mark.parametrize("family,layout,copies,rank", [
+    ("llama", "default", 0, None), ("qwen3", "ane", 1, None), ("llama", "ane", 0, 6)])
 def test_package_matches_the_mirror_in_the_interpreter(tiny_models, tmp_path, family, layout,
-                                                       copies):
+                                                       copies, rank):
     """qwen3/ane also carries a trained copy of the aux's last block (kvp_prefill runs it,
-    prefill and decode run the base's own)."""
+    prefill and decode run the base's own); llama/ane a low-rank predictor (its shared
+    down-projection a 1x1 convolution too)."""
     from converters.coreml.export import package_report
     from converters.coreml.verify import verify_package
 
     lm = load(str(tiny_models[family]))
-    kvp = _t_pair(lm, copies=copies)
+    kvp = _t_pair(lm, copies=copies, rank=rank)
+    assert kvp[2].rank == rank
     out, mirror, pred, aux = _export(lm, tmp_path, layout, kvp=kvp)
     report = verify_package(out, mirror, pred, aux, CHUNK, PROMPT)
     assert set(report) == {"prefill", "decode", "kvp_prefill"}

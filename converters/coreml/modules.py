@@ -103,6 +103,8 @@ class ExportModel(nn.Module):
             self.aux_convs = nn.ModuleDict(
                 {k: _layer_convs(layer) for k, layer in self.aux_copies.items()})
             if predictor is not None:
+                if predictor.rank:
+                    self.pred_down = nn.ModuleList(_conv_from_linear(x) for x in predictor.down)
                 self.pred_k = nn.ModuleList(_conv_from_linear(x) for x in predictor.k_proj)
                 self.pred_v = nn.ModuleList(_conv_from_linear(x) for x in predictor.v_proj)
 
@@ -248,17 +250,16 @@ class ExportModel(nn.Module):
                 kv[a] = (k, v)
             h = self._block(a, h, position, cos, sin, mask, aux=True)
             hidden[a] = h
+        feats = {}  # aux layer -> its hidden features (down-projected for a low-rank one)
         for s, i in enumerate(pred.predicted):
             j = pred.layer_map[i]
             if pred.source == "kv":
                 xk = self._merge(kv[j][0])
                 xv = self._merge(kv[j][1])
             else:
-                parts = {"hidden": [j], "hidden-in": [j - 1], "hidden2": [j, j - 1]}[pred.source]
-                feats = [_rms(hidden[a], None, 1e-6, -1 if self.layout == "default" else 1)
-                         for a in parts]
-                xk = xv = feats[0] if len(feats) == 1 else torch.cat(
-                    feats, dim=-1 if self.layout == "default" else 1)
+                if j not in feats:
+                    feats[j] = self._hidden_features(j, hidden)
+                xk = xv = feats[j]
             if self.layout == "default":
                 k = self._heads(pred.k_proj[s](xk), self.Hkv)
                 v = self._heads(pred.v_proj[s](xv), self.Hkv)
@@ -270,6 +271,19 @@ class ExportModel(nn.Module):
                 k = _rms(k, kn.weight.float(), kn.eps, -1)
             self._write(i, position, self._rope(k, cos, sin), v)
         return position + self._len(input_ids, 1)
+
+    def _hidden_features(self, j, hidden):
+        """The predictor's input from aux layer j's hidden states (RMS-normalized, then the
+        shared down-projection of a low-rank predictor), in the layout's activation form."""
+        pred = self.predictor
+        dim = -1 if self.layout == "default" else 1
+        parts = {"hidden": [j], "hidden-in": [j - 1], "hidden2": [j, j - 1]}[pred.source]
+        feats = [_rms(hidden[a], None, 1e-6, dim) for a in parts]
+        x = feats[0] if len(feats) == 1 else torch.cat(feats, dim=dim)
+        if pred.rank:
+            d = pred._dslot[j]
+            x = pred.down[d](x) if self.layout == "default" else self.pred_down[d](x)
+        return x
 
     def _merge(self, x):
         """(1, Hkv, C, hd) -> the layout's activation of width Hkv*hd."""

@@ -1,8 +1,10 @@
 """KV Prediction artifacts: a folder per (base, aux) pair.
 
-    predictor.safetensors   K and V Linear weights and biases per predicted base layer
+    predictor.safetensors   K and V Linear weights and biases per predicted base layer (and
+                            the shared down-projections of a low-rank predictor)
     card.json               base identity and config hash, aux kind and layers, layer map,
-                            predictor input ('kv' or 'hidden') and exact (copied) layers,
+                            predictor input ('kv' or 'hidden'), rank (low-rank only) and
+                            exact (copied) layers,
                             how it was fitted (method, data, tokens, steps), measured quality
 
 Loading refuses a card that does not match the loaded base, naming the differing field.
@@ -20,7 +22,7 @@ from edgeprefill.errors import EdgeprefillError
 from edgeprefill.fsio import atomic_folder
 from edgeprefill.kvp.aux import AuxModel
 from edgeprefill.kvp.layer_map import validate_layer_map
-from edgeprefill.kvp.predictor import SOURCES, KVPredictor, input_dim
+from edgeprefill.kvp.predictor import SOURCES, KVPredictor, check_rank, input_dim
 
 FORMAT = "edgeprefill-kvp/1"
 _ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size",
@@ -57,6 +59,8 @@ def save_artifact(path, predictor, aux, base, base_id, fit_info, quality=None, t
         "fit": fit_info,
         "quality": quality or {},
     }
+    if predictor.rank:
+        card["predictor_rank"] = predictor.rank
     if aux_weights:  # the blocks trained as copies; the aux's others are the base's own
         card["aux"]["trained_layers"] = sorted({int(n.split(".")[1]) for n in aux_weights})
     if aux.model is not base and not hasattr(aux.model, "copied"):  # KVP-C: its own model
@@ -131,8 +135,15 @@ def load_artifact(path, base):
     if source not in SOURCES:
         raise EdgeprefillError(f"artifact field 'predictor_input' is {source!r}, expected one "
                                f"of {SOURCES}: re-create the artifact")
+    rank = card.get("predictor_rank")
+    try:
+        check_rank(rank, source)
+    except ValueError as e:
+        raise EdgeprefillError(f"artifact field 'predictor_rank' is invalid ({e}): re-create "
+                               "the artifact") from None
     in_dim = input_dim(aux, source)
-    pred = KVPredictor(card["layer_map"], in_dim, base.n_kv_heads, base.head_dim, source, exact)
+    pred = KVPredictor(card["layer_map"], in_dim, base.n_kv_heads, base.head_dim, source, exact,
+                       rank)
     try:
         weights = mx.load(str(Path(path) / "predictor.safetensors"))
         pred.load_weights(list(weights.items()), strict=True)

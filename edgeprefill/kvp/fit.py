@@ -6,6 +6,12 @@ with X the predictor's input from aux layer j_i (merged pre-RoPE K or V, or the 
 hidden state) and Y the base layer i's pre-RoPE K (or V), over every position of the fitting
 text. Only X^T X and X^T Y are accumulated (float64), so memory does not grow with the text and
 one pass over it suffices.
+
+A low-rank predictor (rank r) is the best rank-r approximation of a full-rank one in the error it
+makes on the fitting text's inputs: per source aux layer, the stacked map W (in x outputs of every
+layer it feeds) becomes W V^T V, V the top r right singular vectors of C^1/2 W, C the inputs'
+covariance (reduced-rank regression). The biases absorb the mean input's share of the removed
+part. `reduce_rank` does it for a ridge fit or for a trained predictor.
 """
 
 import mlx.core as mx
@@ -52,6 +58,25 @@ class RidgeAccumulator:
                 self.xty[i, t] = self.xty.get((i, t), 0) + xs[j][t].T @ _np64(y)
         self.tokens += aux_out.h.shape[1]
 
+    def add_inputs(self, aux_out):
+        """Accumulate X^T X alone (the input moments a rank reduction needs)."""
+        pred = self.predictor
+        for j in pred.sources:
+            x = _np64(pred.features(aux_out, j)[0])
+            x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+            self.xtx[j, "k"] = self.xtx.get((j, "k"), 0) + x.T @ x
+        self.tokens += aux_out.h.shape[1]
+
+    def moments(self):
+        """{aux layer: (mean, covariance)} of the predictor's inputs so far."""
+        out = {}
+        for j in self.predictor.sources:
+            xtx = self.xtx[j, "k"]
+            d = xtx.shape[0] - 1
+            mu = xtx[d, :d] / xtx[d, d]
+            out[j] = mu, xtx[:d, :d] / xtx[d, d] - np.outer(mu, mu)
+        return out
+
     def solve(self, lam):
         """Write the ridge solution into the predictor; lam is relative to the mean diagonal
         of X^T X. Returns the predictor."""
@@ -91,7 +116,56 @@ def collect_pair(base, aux, predictor, ids):
     return aux_out, base_kv
 
 
-def fit_ridge(base, aux, predictor, chunks, lam=1e-3, progress=None):
+def reduce_rank(pred, rank, moments):
+    """A rank-`rank` KVPredictor (MLX) approximating the full-rank, hidden-input `pred`.
+
+    Args:
+        pred: a full-rank KVPredictor with a hidden-state input.
+        rank: r.
+        moments: {source aux layer: (mean, covariance)} of its inputs (RidgeAccumulator).
+    """
+    from edgeprefill.kvp.predictor import KVPredictor
+
+    if pred.rank:
+        raise ValueError(f"the predictor is low-rank already (rank {pred.rank})")
+    out_dim = pred.k_proj[0].weight.shape[0]
+    low = KVPredictor(pred.layer_map, pred.in_dim, pred.base_kv_heads,
+                      out_dim // pred.base_kv_heads, pred.source, pred.exact, rank)
+    for j in pred.sources:
+        fed = [pred._slot[i] for i in pred.predicted if pred.layer_map[i] == j]
+        lins = [lin for s in fed for lin in (pred.k_proj[s], pred.v_proj[s])]
+        w = np.concatenate([_np64(lin.weight.T[None]) for lin in lins], axis=1)  # (in, outs)
+        b = np.concatenate([_np64(lin.bias[None, None])[0] for lin in lins])
+        mu, cov = moments[j]
+        evals, evecs = np.linalg.eigh(cov)
+        half = (evecs * np.sqrt(np.clip(evals, 0, None))) @ evecs.T  # C^1/2
+        v = np.linalg.svd(half @ w, full_matrices=False)[2][:rank]  # (r', outs), r' <= r
+        if v.shape[0] < rank:  # more rank than the map has: pad with zero directions
+            v = np.concatenate([v, np.zeros((rank - v.shape[0], v.shape[1]))])
+        down = w @ v.T  # (in, r)
+        b = b + mu @ (w - down @ v)  # the mean input's share of what the truncation drops
+        low.down[low._dslot[j]].weight = mx.array(down.T.astype(np.float32))
+        for n, s in enumerate(fed):
+            for t, lin in enumerate((low.k_proj[s], low.v_proj[s])):
+                cols = slice((2 * n + t) * out_dim, (2 * n + t + 1) * out_dim)
+                lin.weight = mx.array(v[:, cols].T.astype(np.float32))
+                lin.bias = mx.array(b[cols].astype(np.float32))
+    low.set_dtype(pred.k_proj[0].weight.dtype)
+    return low
+
+
+def input_moments(aux, predictor, chunks, progress=None):
+    """{aux layer: (mean, covariance)} of `predictor`'s inputs over token-id windows."""
+    acc = RidgeAccumulator(predictor)
+    for ids in chunks:
+        x = mx.array(ids, dtype=mx.int32)[None]
+        acc.add_inputs(aux.forward(x, aux.make_cache(), predictor.hidden_layers()))
+        if progress:
+            progress(acc.tokens)
+    return acc.moments()
+
+
+def fit_ridge(base, aux, predictor, chunks, lam=1e-3, progress=None, rank=None):
     """Fit a KVPredictor in closed form.
 
     Args:
@@ -101,6 +175,7 @@ def fit_ridge(base, aux, predictor, chunks, lam=1e-3, progress=None):
         chunks: iterable of token-id lists (each a causal window of fitting text).
         lam: ridge strength relative to the data's scale.
         progress: optional callable(tokens_done) after each chunk.
+        rank: None, or r: the fit reduced to a rank-r predictor (`reduce_rank`).
     Returns:
         (predictor, tokens used).
     """
@@ -109,4 +184,7 @@ def fit_ridge(base, aux, predictor, chunks, lam=1e-3, progress=None):
         acc.add(*collect_pair(base, aux, predictor, ids))
         if progress:
             progress(acc.tokens)
-    return acc.solve(lam), acc.tokens
+    pred = acc.solve(lam)
+    if rank:
+        pred = reduce_rank(pred, rank, acc.moments())
+    return pred, acc.tokens

@@ -9,6 +9,12 @@ Outputs are base layer i's pre-RoPE (pre-k_norm) keys / values. Inputs, per arti
 - 'hidden2': both, concatenated (twice the input width).
 Base layers listed as `exact` are not predicted: the aux computed them with the base's own
 weights on the base's own inputs (the leading layers of a truncated aux), so they are copied.
+
+A low-rank predictor (`rank` r, hidden inputs only) first maps each aux layer's features to r
+dimensions with one shared Linear (no bias), and every base layer it feeds reads those r
+numbers: per token 2 r (in + P * 2 * out) FLOPs for P layers fed from one aux layer, instead of
+P * 2 * 2 * in * out. A truncated aux feeds all its predicted layers from its last layer, so
+this is where the predictor's cost goes (`kvp fit|train --predictor-rank`).
 """
 
 import mlx.core as mx
@@ -42,13 +48,25 @@ def input_dim(aux, source):
     return aux.hidden_size * (2 if source == "hidden2" else 1)
 
 
+def check_rank(rank, source):
+    """Raise ValueError unless `rank` (None: full rank) suits a predictor input `source`."""
+    if rank is None:
+        return
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"predictor rank must be an integer >= 1, got {rank!r}")
+    if source == "kv":
+        raise ValueError("a low-rank predictor needs a hidden-state input (hidden, hidden-in, "
+                         "hidden2), not 'kv'")
+
+
 class PredictorPlan:
     """Which base layers are predicted from which aux features, and how: the logic shared by
     the MLX predictor and its torch mirror (each supplies the array hooks and the Linears)."""
 
-    def _plan(self, layer_map, in_dim, base_kv_heads, source, exact):
+    def _plan(self, layer_map, in_dim, base_kv_heads, source, exact, rank=None):
         if source not in SOURCES:
             raise ValueError(f"predictor input must be one of {SOURCES}, got {source!r}")
+        check_rank(rank, source)
         self.layer_map = list(layer_map)
         self.source = source
         self.exact = sorted(exact)
@@ -56,6 +74,21 @@ class PredictorPlan:
         self._slot = {i: s for s, i in enumerate(self.predicted)}
         self.base_kv_heads = base_kv_heads
         self.in_dim = in_dim
+        self.rank = rank
+        # The aux layers whose features feed predicted layers: one down-projection each.
+        self.sources = sorted({self.layer_map[i] for i in self.predicted})
+        self._dslot = {j: s for s, j in enumerate(self.sources)}
+
+    @property
+    def proj_in(self):
+        """Input width of the per-layer K and V Linears."""
+        return self.rank or self.in_dim
+
+    def token_flops(self, out_dim):
+        """FLOPs per token (multiply-add = 2): the down-projections, then a K and a V Linear
+        (with bias) per predicted layer, `out_dim` wide."""
+        down = 2 * len(self.sources) * self.in_dim * self.rank if self.rank else 0
+        return down + len(self.predicted) * 2 * 2 * (self.proj_in + 1) * out_dim
 
     def hidden_layers(self):
         """Aux layers whose output hidden state the predictor reads (-1: the embedding)."""
@@ -73,6 +106,9 @@ class PredictorPlan:
             parts = {"hidden": [j], "hidden-in": [j - 1], "hidden2": [j, j - 1]}[self.source]
             xs = [self._hidden(aux_out.hidden[a][:, skip:]) for a in parts]
             x = xs[0] if len(xs) == 1 else self._cat(xs)
+            if self.rank:
+                down = self.down[self._dslot[j]]
+                x = down(self._cast(x, down.weight.dtype))
             return x, x
         k, v = aux_out.kv[j]
         return self._merge(k[:, :, skip:]), self._merge(v[:, :, skip:])
@@ -111,6 +147,8 @@ class KVPredictor(PredictorPlan, nn.Module):
         base_kv_heads, base_head_dim: the base's KV layout.
         source: one of SOURCES.
         exact: base layers copied from the aux (no Linear).
+        rank: None (full rank) or r: a shared (in_dim -> r) down-projection per source aux
+            layer, then (r -> out) Linears per predicted layer.
     """
 
     _merge = staticmethod(merge_heads)
@@ -119,12 +157,15 @@ class KVPredictor(PredictorPlan, nn.Module):
     _cat = staticmethod(lambda xs: mx.concatenate(xs, axis=-1))
     _cast = staticmethod(lambda x, dt: x.astype(dt))
 
-    def __init__(self, layer_map, in_dim, base_kv_heads, base_head_dim, source="kv", exact=()):
+    def __init__(self, layer_map, in_dim, base_kv_heads, base_head_dim, source="kv", exact=(),
+                 rank=None):
         nn.Module.__init__(self)
-        self._plan(layer_map, in_dim, base_kv_heads, source, exact)
+        self._plan(layer_map, in_dim, base_kv_heads, source, exact, rank)
         out = base_kv_heads * base_head_dim
-        self.k_proj = [nn.Linear(in_dim, out, bias=True) for _ in self.predicted]
-        self.v_proj = [nn.Linear(in_dim, out, bias=True) for _ in self.predicted]
+        if rank:
+            self.down = [nn.Linear(in_dim, rank, bias=False) for _ in self.sources]
+        self.k_proj = [nn.Linear(self.proj_in, out, bias=True) for _ in self.predicted]
+        self.v_proj = [nn.Linear(self.proj_in, out, bias=True) for _ in self.predicted]
 
     @classmethod
     def identity(cls, layer_map, kv_heads, head_dim, dtype=mx.float32):
