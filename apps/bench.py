@@ -17,6 +17,18 @@ from edgeprefill.errors import EdgeprefillError
 KVP_STRATEGIES = {"kvp", "aux-only", "runahead-kvp"}  # need a KV Prediction pair
 
 
+def pair_record(path):
+    """The header's record of the KV Prediction pair a run used: its folder, and from its card
+    what sets its cost (aux kind, predictor input and rank, exact tail, training steps)."""
+    from edgeprefill.kvp.artifact import read_card
+
+    card = read_card(path)
+    return {"kvp": str(path), "kvp_card": {
+        "aux": card["aux"]["kind"], "predictor_input": card.get("predictor_input", "kv"),
+        "predictor_rank": card.get("predictor_rank"), "tail": card.get("tail", 1),
+        "steps": card.get("fit", {}).get("steps")}}
+
+
 def add_parser(sub):
     from apps.generate import add_kvp_tail_arg, add_model_args
 
@@ -152,7 +164,7 @@ class MlxRunner(Runner):
     def artifacts(self, strategies):
         if self.random_pair or not KVP_STRATEGIES & set(strategies):
             return {}
-        return {"kvp": str(self.kvp_artifact)}
+        return pair_record(self.kvp_artifact)
 
     def peak_reset(self):
         import mlx.core as mx
@@ -258,7 +270,7 @@ class MirrorRunner(Runner):
     def artifacts(self, strategies):
         if self.random_pair or "kvp" not in strategies:
             return {}
-        return {"kvp": str(self.kvp_artifact)}
+        return pair_record(self.kvp_artifact)
 
     def _cache(self, strategy, n):
         s = self._strategy(strategy)

@@ -63,7 +63,9 @@ def test_bench_kvp_rows_plot_and_speed_only_modes(tiny_models, cli_env, tmp_path
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     data = json.loads(out.read_text())
-    assert data["header"]["artifacts"] == {"kvp": str(art)}
+    assert data["header"]["artifacts"] == {"kvp": str(art), "kvp_card": {
+        "aux": "T-0.50", "predictor_input": "hidden", "predictor_rank": None, "tail": 1,
+        "steps": 0}}
     recs = {x["strategy"]: x for x in data["records"]}
     assert recs["kvp"]["ttft_flops"] < recs["full"]["ttft_flops"]
     assert recs["aux-only"]["ttft_flops"] < recs["full"]["ttft_flops"]
