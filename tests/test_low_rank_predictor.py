@@ -137,13 +137,16 @@ def test_fit_and_train_low_rank_pairs_and_their_refusals(tiny_models, cli_env, t
     r = _cli(["generate", "--model", model, "--prompt", "the quick brown fox", "--strategy",
               "kvp", "--kvp", str(low), "--max-tokens", "3", "--json"], cli_env)
     assert r.returncode == 0, r.stderr
-    # refusals: one line, exit 1, nothing written
-    for extra, words in ((["--input", "kv", "--predictor-rank", "4"], "hidden-state input"),
-                         (["--predictor-rank", "0"], "integer >= 1")):
-        bad = tmp_path / "bad"
-        r = _cli(fit + extra + ["--out", str(bad)], cli_env)
-        assert r.returncode == 1 and words in r.stderr and not bad.exists(), r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
+    # refusals: one line, exit 1, nothing written (the same check serves fit and train)
+    bad = tmp_path / "bad"
+    r = _cli(fit + ["--input", "kv", "--predictor-rank", "4", "--out", str(bad)], cli_env)
+    assert r.returncode == 1 and "hidden-state input" in r.stderr and not bad.exists(), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    from apps.kvp import check_rank_arg
+    from edgeprefill.errors import EdgeprefillError
+
+    with pytest.raises(EdgeprefillError, match="integer >= 1"):
+        check_rank_arg(0, "hidden2")
     # kvp train --init a full-rank pair --predictor-rank R: reduced, then trained
     r = _cli(fit + ["--out", str(full)], cli_env)
     assert r.returncode == 0, r.stderr
