@@ -63,9 +63,10 @@ def run(args):
         return 0
     table = Table(title=f"quality vs exact prefill, {lm.model_id}, {len(refs)} pairs, "
                         f"~{n_prompt}-token prompts",
-                  caption=f"clear: agreement on the N pairs whose base top-two first-token "
+                  caption=f"agree 95%: the agreement's 95% (Wilson) interval over these pairs; "
+                          f"clear: agreement on the N pairs whose base top-two first-token "
                           f"probabilities are >= {NEAR_TIE} apart (the rest are near-ties)")
-    for col in ("strategy", "aux", "FLOPs x", "TTFT ms", "exact ms", "agree",
+    for col in ("strategy", "aux", "FLOPs x", "TTFT ms", "exact ms", "agree", "agree 95%",
                 "clear", "KL", "NLL", "NLL exact", "NLL x",
                 f"greedy /{args.greedy_tokens}"):
         table.add_column(col, justify="right")
@@ -74,11 +75,14 @@ def run(args):
                       f"{r['flops_ratio']:.2f}" if r["flops_ratio"] else "-",
                       f"{r['ttft_s'] * 1e3:.0f}", f"{r['ttft_exact_s'] * 1e3:.0f}",
                       f"{r['first_token_agreement']:.2f}",
+                      "{:.2f}-{:.2f}".format(*r["agreement_ci95"]),
                       "-" if r["agreement_clear"] is None else
                       f"{r['agreement_clear']:.2f}/{r['pairs'] - r['near_ties']}",
                       f"{r['first_token_kl']:.3f}",
                       f"{r['nll']:.3f}", f"{r['nll_exact']:.3f}", f"{r['nll_ratio']:.3f}",
                       f"{r['greedy_match']:.1f}")
-    Console().print(table)
+    out = Console()
+    # piped or redirected output: a width that fits every column (rich assumes 80)
+    (out if out.is_terminal else Console(width=160)).print(table)
     sys.stdout.flush()
     return 0

@@ -104,15 +104,27 @@ def score(model, strategy, ref):
             "greedy_match": match, "ttft_s": stats.ttft_s, "ttft_exact_s": ref.ttft_s}
 
 
+def wilson_interval(hits, n, z=1.96):
+    """(low, high) 95% Wilson score interval of a proportion hits/n: how far a top-1 agreement
+    measured on n pairs can sit from the rate on all such text (40 pairs: about +-0.1)."""
+    if n == 0:
+        return None
+    p, z2 = hits / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
 def summarize(rows, greedy_tokens):
     """Mean metrics over pairs (the record `edgeprefill eval` prints). Beside the agreement:
     near_ties, the pairs whose base top-two margin is under NEAR_TIE; agreement_clear, the
     agreement over the others (None if there are none); misses_second_choice, the misses that
-    took the base's second choice."""
+    took the base's second choice; agreement_ci95, the agreement's 95% Wilson interval."""
     mean = lambda k: float(np.mean([r[k] for r in rows]))  # noqa: E731
     nll, nll_exact = mean("nll"), mean("nll_exact")
     clear = [r["agree"] for r in rows if r["base_margin"] >= NEAR_TIE]
     return {"pairs": len(rows), "first_token_agreement": mean("agree"),
+            "agreement_ci95": wilson_interval(sum(r["agree"] for r in rows), len(rows)),
             "near_ties": len(rows) - len(clear),
             "agreement_clear": float(np.mean(clear)) if clear else None,
             "misses_second_choice": int(sum(r["second_choice"] for r in rows)),

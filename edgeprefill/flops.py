@@ -112,8 +112,7 @@ def flops_options(strategy):
         opts["aux_config"] = aux.model.config  # KVP-C: a model of its own shape
     pred = getattr(strategy, "predictor", None)
     if pred is not None:
-        out = pred.k_proj[0].weight.shape[0] if pred.k_proj else 0  # (out, in) Linears
-        opts.update(predictor_token_flops=pred.token_flops(out),
+        opts.update(predictor_token_flops=pred.token_flops(),
                     tail=getattr(strategy, "tail", 1))
     return opts
 

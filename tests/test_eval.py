@@ -51,6 +51,19 @@ def test_summary_separates_near_ties_from_clear_base_choices():
     assert summarize(rows[:1], 4)["agreement_clear"] is None
 
 
+def test_agreement_interval_is_the_wilson_interval():
+    """35 of 40 pairs: 0.875 with a 95% interval of about [0.74, 0.95] (Wilson), which is why
+    one pair more or less on 40 pairs is not a measured difference."""
+    from edgeprefill.evaluate import wilson_interval
+
+    lo, hi = wilson_interval(35, 40)
+    assert abs(lo - 0.7387) < 1e-3 and abs(hi - 0.9454) < 1e-3
+    assert wilson_interval(40, 40)[1] == 1.0 and wilson_interval(0, 40)[0] == 0.0
+    lo120, hi120 = wilson_interval(105, 120)
+    assert lo < lo120 < 0.875 < hi120 < hi  # more pairs, a narrower interval
+    assert wilson_interval(0, 0) is None
+
+
 def test_eval_cli_reports_every_metric(tiny_models, cli_env, tmp_path):
     model = str(tiny_models["llama"])
     art = tmp_path / "art"
@@ -69,6 +82,7 @@ def test_eval_cli_reports_every_metric(tiny_models, cli_env, tmp_path):
     res = {x["strategy"]: x for x in out["results"]}
     assert res["full"]["first_token_agreement"] == 1.0 and res["full"]["nll_ratio"] == 1.0
     assert res["full"]["greedy_match"] == 4 and res["full"]["pairs"] == 3
+    assert res["full"]["agreement_ci95"][1] == 1.0 and res["full"]["agreement_ci95"][0] < 0.5
     for name in ("kvp", "aux-only"):
         x = res[name]
         assert x["aux"] == "T-0.50" and 0 < x["flops_ratio"] < 1
@@ -93,6 +107,11 @@ def test_eval_cli_reports_every_metric(tiny_models, cli_env, tmp_path):
     assert r.returncode == 1 and "bad.jsonl:2" in r.stderr and "continuation" in r.stderr
     r = _cli(["eval", "--model", model, "--strategy", "nope", "--data", str(data)], cli_env)
     assert r.returncode == 1 and "unknown strategy 'nope'" in r.stderr
+    # the table: agreement with its 95% interval beside it
+    r = _cli(["eval", "--model", model, "--strategy", "full", "--data", str(data),
+              "--greedy-tokens", "2"], cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "0.44-1.00" in r.stdout and "95% (Wilson) interval" in r.stdout
 
 
 def test_sweep_writes_the_pareto_table_and_plot(tiny_models, cli_env, tmp_path):

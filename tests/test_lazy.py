@@ -121,3 +121,34 @@ def test_mirror_lazy_equals_mlx_through_decoding(tiny_models, schedule):
         b = theirs.forward(torch.tensor([[token]]), c2)
         np.testing.assert_allclose(b.numpy(), np.array(a), atol=3e-4, rtol=3e-4)
     assert c1.seg_pos == c2.seg_pos
+
+
+def test_custom_keep_schedule_matches_the_named_one_and_sets_the_flops(tiny_models):
+    from apps.bench import runner_accepts
+    from edgeprefill.errors import EdgeprefillError
+    from edgeprefill.flops import flops_options, strategy_flops
+    from edgeprefill.prefill import make_strategy
+
+    lm = load(str(tiny_models["llama"]))
+    ids = lm.tokenizer.encode(PROMPT)
+    named = make_strategy("lazy-aggressive", lm.model)
+    custom = make_strategy("lazy-0.5:0.5:0.5", lm.model)
+    assert custom.schedule.keep == named.schedule.keep and custom.bounds == named.bounds
+    _, a, s1 = named.prefill(ids)
+    _, b, s2 = custom.prefill(ids)
+    np.testing.assert_array_equal(np.array(b), np.array(a))
+    assert s2.extra["schedule"] == "0.5:0.5:0.5"
+    assert s2.extra["tokens_per_layer"] == s1.extra["tokens_per_layer"]
+    # keeping more costs more: the knob that sets lazy's FLOPs to a budget
+    flops = [strategy_flops("lazy", lm.config, 200,
+                            **flops_options(make_strategy(f"lazy-{k}", lm.model)))
+             for k in ("0.5:0.5:0.5", "0.8:0.6:0.5", "1:1:1")]
+    assert flops[0] < flops[1] < flops[2] == strategy_flops("full", lm.config, 200)
+
+    class Runner:
+        available = staticmethod(lambda: ("full", "lazy"))
+
+    assert runner_accepts(Runner, "lazy-0.9:0.8:0.7") and not runner_accepts(Runner, "kvp")
+    for bad in ("0.7:0.6", "0:0.5:0.5", "1.2:0.5:0.5", "a:b:c"):
+        with pytest.raises(EdgeprefillError, match=f"unknown lazy schedule '{bad}'.*K1:K2:K3"):
+            runner_accepts(Runner, f"lazy-{bad}")

@@ -96,12 +96,12 @@ def test_low_rank_flops_mirror_and_stacked_path(tiny_models):
     low = reduce_rank(pred, RANK, moments)
     out_dim = m.n_kv_heads * m.head_dim
     P = len(pred.predicted)
-    assert low.token_flops(out_dim) == 2 * pred.in_dim * RANK + P * 4 * (RANK + 1) * out_dim
-    assert pred.token_flops(out_dim) == P * 4 * (pred.in_dim + 1) * out_dim
+    assert low.token_flops() == 2 * pred.in_dim * RANK + P * 4 * (RANK + 1) * out_dim
+    assert pred.token_flops() == P * 4 * (pred.in_dim + 1) * out_dim
     n = 40
     f_full, f_low = (strategy_flops("kvp", lm.config, n, **flops_options(
         KVPrediction(m, aux, p, tail=4))) for p in (pred, low))
-    assert f_full - f_low == (n - 4) * (pred.token_flops(out_dim) - low.token_flops(out_dim))
+    assert f_full - f_low == (n - 4) * (pred.token_flops() - low.token_flops())
     ids = mx.array(chunks[0])[None]
     out = aux.forward(ids, aux.make_cache(), low.hidden_layers())
     ref = {i: (np.array(k), np.array(v)) for i, k, v in low.base_kv(out) if i in low._slot}

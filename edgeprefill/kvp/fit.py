@@ -25,6 +25,12 @@ def _np64(x):
     return np.array(x[0].astype(mx.float32)).astype(np.float64)
 
 
+def _with_ones(x):
+    """(T, D) features as float64 with a column of ones appended (the bias's input)."""
+    x = _np64(x)
+    return np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+
+
 class RidgeAccumulator:
     """Running X^T X per (aux layer, K|V) and X^T Y per (base layer, K|V) for a predictor."""
 
@@ -49,8 +55,7 @@ class RidgeAccumulator:
                         xs[j]["v"] = xs[j]["k"]
                         self.xtx[j, "v"] = self.xtx[j, "k"]
                         continue
-                    x = _np64(x)
-                    x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+                    x = _with_ones(x)
                     xs[j][t] = x
                     self.xtx[j, t] = self.xtx.get((j, t), 0) + x.T @ x
             for t, y in zip("kv", base_kv[i]):
@@ -62,8 +67,7 @@ class RidgeAccumulator:
         """Accumulate X^T X alone (the input moments a rank reduction needs)."""
         pred = self.predictor
         for j in pred.sources:
-            x = _np64(pred.features(aux_out, j)[0])
-            x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+            x = _with_ones(pred.features(aux_out, j)[0])
             self.xtx[j, "k"] = self.xtx.get((j, "k"), 0) + x.T @ x
         self.tokens += aux_out.h.shape[1]
 
@@ -128,9 +132,9 @@ def reduce_rank(pred, rank, moments):
 
     if pred.rank:
         raise ValueError(f"the predictor is low-rank already (rank {pred.rank})")
-    out_dim = pred.k_proj[0].weight.shape[0]
-    low = KVPredictor(pred.layer_map, pred.in_dim, pred.base_kv_heads,
-                      out_dim // pred.base_kv_heads, pred.source, pred.exact, rank)
+    out_dim = pred.out_dim
+    low = KVPredictor(pred.layer_map, pred.in_dim, pred.base_kv_heads, pred.base_head_dim,
+                      pred.source, pred.exact, rank)
     for j in pred.sources:
         fed = [pred._slot[i] for i in pred.predicted if pred.layer_map[i] == j]
         lins = [lin for s in fed for lin in (pred.k_proj[s], pred.v_proj[s])]

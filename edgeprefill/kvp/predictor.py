@@ -63,7 +63,7 @@ class PredictorPlan:
     """Which base layers are predicted from which aux features, and how: the logic shared by
     the MLX predictor and its torch mirror (each supplies the array hooks and the Linears)."""
 
-    def _plan(self, layer_map, in_dim, base_kv_heads, source, exact, rank=None):
+    def _plan(self, layer_map, in_dim, base_kv_heads, base_head_dim, source, exact, rank=None):
         if source not in SOURCES:
             raise ValueError(f"predictor input must be one of {SOURCES}, got {source!r}")
         check_rank(rank, source)
@@ -73,6 +73,7 @@ class PredictorPlan:
         self.predicted = [i for i in range(len(self.layer_map)) if i not in set(self.exact)]
         self._slot = {i: s for s, i in enumerate(self.predicted)}
         self.base_kv_heads = base_kv_heads
+        self.base_head_dim = base_head_dim
         self.in_dim = in_dim
         self.rank = rank
         # The aux layers whose features feed predicted layers: one down-projection each.
@@ -84,11 +85,16 @@ class PredictorPlan:
         """Input width of the per-layer K and V Linears."""
         return self.rank or self.in_dim
 
-    def token_flops(self, out_dim):
+    @property
+    def out_dim(self):
+        """Output width of the K and V Linears: the base's KV heads merged."""
+        return self.base_kv_heads * self.base_head_dim
+
+    def token_flops(self):
         """FLOPs per token (multiply-add = 2): the down-projections, then a K and a V Linear
         (with bias) per predicted layer, `out_dim` wide."""
         down = 2 * len(self.sources) * self.in_dim * self.rank if self.rank else 0
-        return down + len(self.predicted) * 2 * 2 * (self.proj_in + 1) * out_dim
+        return down + len(self.predicted) * 2 * 2 * (self.proj_in + 1) * self.out_dim
 
     def hidden_layers(self):
         """Aux layers whose output hidden state the predictor reads (-1: the embedding)."""
@@ -160,12 +166,11 @@ class KVPredictor(PredictorPlan, nn.Module):
     def __init__(self, layer_map, in_dim, base_kv_heads, base_head_dim, source="kv", exact=(),
                  rank=None):
         nn.Module.__init__(self)
-        self._plan(layer_map, in_dim, base_kv_heads, source, exact, rank)
-        out = base_kv_heads * base_head_dim
+        self._plan(layer_map, in_dim, base_kv_heads, base_head_dim, source, exact, rank)
         if rank:
             self.down = [nn.Linear(in_dim, rank, bias=False) for _ in self.sources]
-        self.k_proj = [nn.Linear(self.proj_in, out, bias=True) for _ in self.predicted]
-        self.v_proj = [nn.Linear(self.proj_in, out, bias=True) for _ in self.predicted]
+        self.k_proj = [nn.Linear(self.proj_in, self.out_dim) for _ in self.predicted]
+        self.v_proj = [nn.Linear(self.proj_in, self.out_dim) for _ in self.predicted]
 
     @classmethod
     def identity(cls, layer_map, kv_heads, head_dim, dtype=mx.float32):

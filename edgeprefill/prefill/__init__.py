@@ -44,12 +44,12 @@ def make_strategy(name, model, **options):
     """
     if name in ("kvp", "aux-only"):
         return make_kvp(model, aux_only=name == "aux-only", **options)
-    if name.startswith("lazy-"):  # lazy-<schedule>
+    if name.startswith("lazy-"):  # lazy-<schedule> or lazy-K1:K2:K3
         return LazyPrefill(model, schedule=name[5:], **options)
     if name not in STRATEGIES:
         raise EdgeprefillError(
             f"unknown strategy '{name}': choose one of {', '.join(sorted(STRATEGIES))}, "
-            f"or lazy-<schedule> ({', '.join(SCHEDULES)})")
+            f"or lazy-<schedule> ({', '.join(SCHEDULES)}, or K1:K2:K3: see resolve_schedule)")
     return STRATEGIES[name](model, **options)
 
 

@@ -63,6 +63,28 @@ SCHEDULES = {
     "early": Schedule("early", (0.1, 0.3, 0.6), (0.6, 0.6, 0.6)),
     "none": Schedule("none", (0.3, 0.6, 0.9), (1.0, 1.0, 1.0)),
 }
+PAPER_DEPTHS = (0.3, 0.6, 0.9)
+
+
+def resolve_schedule(spec):
+    """A Schedule from a name in SCHEDULES or from 'K1:K2:K3': the fraction of the tokens still
+    present kept at each of the paper's depths (30%, 60% and 90% of the layers), so a schedule
+    can be set to a given TTFT FLOPs budget (`lazy-0.8:0.6:0.5`)."""
+    if isinstance(spec, Schedule):
+        return spec
+    if spec in SCHEDULES:
+        return SCHEDULES[spec]
+    try:
+        keep = tuple(float(k) for k in spec.split(":"))
+    except ValueError:
+        keep = ()
+    if len(keep) != len(PAPER_DEPTHS) or not all(0 < k <= 1 for k in keep):
+        from edgeprefill.errors import EdgeprefillError
+
+        raise EdgeprefillError(
+            f"unknown lazy schedule '{spec}': choose one of {', '.join(SCHEDULES)}, or K1:K2:K3, "
+            "the fraction of tokens kept at 30%, 60% and 90% of the layers (each in (0, 1])")
+    return Schedule(spec, PAPER_DEPTHS, keep)
 
 
 class LazyCache(PromptCache):
@@ -99,7 +121,7 @@ def _keep_top(ops, scores, keep_frac, last_index):
 class LazyPrefill:
     """Args:
         model: edgeprefill.models.Transformer.
-        schedule: a Schedule or the name of one in SCHEDULES.
+        schedule: a Schedule, the name of one in SCHEDULES, or 'K1:K2:K3' (resolve_schedule).
         chunk_size: query tokens per attention call inside a layer.
     """
 
@@ -107,13 +129,7 @@ class LazyPrefill:
     ops = MlxOps
 
     def __init__(self, model, schedule="default", chunk_size=None):
-        if isinstance(schedule, str):
-            if schedule not in SCHEDULES:
-                from edgeprefill.errors import EdgeprefillError
-
-                raise EdgeprefillError(f"unknown lazy schedule '{schedule}': choose one of "
-                                       f"{', '.join(SCHEDULES)}")
-            schedule = SCHEDULES[schedule]
+        schedule = resolve_schedule(schedule)
         self.model = model
         self.schedule = schedule
         self.chunk_size = chunk_size or default_chunk_size()

@@ -36,12 +36,11 @@ class KVPredictor(PredictorPlan, nn.Module):
     def __init__(self, layer_map, in_dim, base_kv_heads, base_head_dim, source="kv", exact=(),
                  rank=None):
         nn.Module.__init__(self)
-        self._plan(layer_map, in_dim, base_kv_heads, source, exact, rank)
-        out = base_kv_heads * base_head_dim
+        self._plan(layer_map, in_dim, base_kv_heads, base_head_dim, source, exact, rank)
         if rank:
             self.down = nn.ModuleList(nn.Linear(in_dim, rank, bias=False) for _ in self.sources)
-        self.k_proj = nn.ModuleList(nn.Linear(self.proj_in, out) for _ in self.predicted)
-        self.v_proj = nn.ModuleList(nn.Linear(self.proj_in, out) for _ in self.predicted)
+        self.k_proj = nn.ModuleList(nn.Linear(self.proj_in, self.out_dim) for _ in self.predicted)
+        self.v_proj = nn.ModuleList(nn.Linear(self.proj_in, self.out_dim) for _ in self.predicted)
 
 
 def predictor_to_torch(pred, device="cpu", dtype=torch.float32):
@@ -50,8 +49,7 @@ def predictor_to_torch(pred, device="cpu", dtype=torch.float32):
     import numpy as np
     from mlx.utils import tree_flatten
 
-    tp = KVPredictor(pred.layer_map, pred.in_dim, pred.base_kv_heads,
-                     pred.k_proj[0].weight.shape[0] // pred.base_kv_heads if pred.k_proj else 1,
+    tp = KVPredictor(pred.layer_map, pred.in_dim, pred.base_kv_heads, pred.base_head_dim,
                      pred.source, pred.exact, pred.rank)
     state = {k: torch.from_numpy(np.array(v.astype(mx.float32)))
              for k, v in tree_flatten(pred.parameters())}
