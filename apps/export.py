@@ -108,6 +108,7 @@ def run_export(args):
                   export_s=round(time.perf_counter() - started, 1))
     if card is not None:
         report["kvp_card"] = {"aux": card["aux"]["kind"], "tail": card.get("tail", 1),
+                              "predictor_rank": card.get("predictor_rank"),
                               "quality": card.get("quality")}
     if args.verify:
         from converters.coreml.verify import verify_package

@@ -254,8 +254,9 @@ def test_compact_aux_fit_generate_and_tokenizer_refusal(tiny_models, cli_env, tm
 
 def test_bundled_default_pair_is_complete():
     """The trained T-0.50 pair shipped for the default model: card, weights and layer map agree
-    (SmolLM2-135M: 30 layers, 3 KV heads of 64, hidden 576; 15 predicted layers; trained
-    copies of the aux's last 4 blocks; an exact tail of 32, trained for)."""
+    (SmolLM2-135M: 30 layers, 3 KV heads of 64, hidden 576; 15 predicted layers read through
+    one rank-384 down-projection of the 1152 hidden2 inputs; trained copies of the aux's last
+    4 blocks; an exact tail of 32, trained for)."""
     import json
 
     import mlx.core as mx
@@ -267,8 +268,9 @@ def test_bundled_default_pair_is_complete():
     w = mx.load(str(folder / "predictor.safetensors"))
     predicted = [i for i in range(len(card["layer_map"])) if i not in card["exact_layers"]]
     assert card["aux"]["kind"] == "T-0.50" and card["predictor_input"] == "hidden2"
-    assert len(predicted) == 15 and len(w) == 4 * len(predicted)
-    assert w["k_proj.0.weight"].shape == (192, 2 * 576) and w["v_proj.14.bias"].shape == (192,)
+    assert len(predicted) == 15 and len(w) == 4 * len(predicted) + 1
+    assert card["predictor_rank"] == 384 and w["down.0.weight"].shape == (384, 2 * 576)
+    assert w["k_proj.0.weight"].shape == (192, 384) and w["v_proj.14.bias"].shape == (192,)
     assert card["quality"]["pairs"] == 40 and card["quality"]["nll_ratio"] <= 1.10
     assert card["tail"] == 32  # the base runs the prompt's last 32 tokens itself
     assert card["fit"]["train_tail"] == 32  # and it was trained for every tail up to that
