@@ -35,7 +35,7 @@ def add_parser(sub):
     p = sub.add_parser("bench", help="measure TTFT per strategy and prompt length")
     add_model_args(p)
     p.add_argument("--strategies", default="full,mlx-lm",
-                   help="comma list: full, mlx-lm, kvp, aux-only, lazy, lazy-<schedule>, lazy-K1:K2:K3, "
+                   help="comma list: full, mlx-lm, kvp, aux-only, lazy[-<schedule>|-K1:K2:K3], "
                    "runahead, tsp, runahead-kvp, runahead-streams (mlx backend); full, kvp, "
                    "lazy (mirror backend)")
     p.add_argument("--prompt-tokens", default="128,512,1024", help="comma list of lengths")
@@ -408,7 +408,6 @@ def write_json(path, payload):
     atomic_write_text(path, json.dumps(payload, indent=2))
 
 
-
 def runner_accepts(runner, name):
     """Whether the runner has strategy `name`; a custom lazy-K1:K2:K3 schedule counts where
     lazy is available (a malformed one raises its one-line error here)."""
@@ -418,8 +417,10 @@ def runner_accepts(runner, name):
     if name.startswith("lazy-") and "lazy" in known:
         from edgeprefill.prefill.lazy import resolve_schedule
 
-        return resolve_schedule(name[5:]) is not None
+        resolve_schedule(name[5:])
+        return True
     return False
+
 
 def run(args):
     from rich.console import Console

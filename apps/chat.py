@@ -13,7 +13,7 @@ from edgeprefill.errors import EdgeprefillError
 HELP = """commands:
   /help              this text
   /reset             forget the conversation (and its caches)
-  /strategy NAME     prefill strategy: full, kvp, aux-only, lazy, lazy-<schedule>, lazy-K1:K2:K3, runahead
+  /strategy NAME     prefill strategy: full, kvp, aux-only, lazy[-<schedule>|-K1:K2:K3], runahead
   /system TEXT       set the system message (starts a new conversation)
   /stats             session totals
   /save FILE         save the conversation and its caches
@@ -32,7 +32,7 @@ def add_parser(sub):
     p = sub.add_parser("chat", help="chat in the terminal (multi-turn, cache reuse)")
     add_model_args(p)
     p.add_argument("--strategy", default="full",
-                   help="prefill strategy: full, kvp, aux-only, lazy, lazy-<schedule>, lazy-K1:K2:K3, "
+                   help="prefill strategy: full, kvp, aux-only, lazy[-<schedule>|-K1:K2:K3], "
                    "runahead (local worker processes; later turns extend the cache here)")
     p.add_argument("--workers", type=int, default=2,
                    help="runahead: local worker processes, started once for the session")

@@ -37,8 +37,8 @@ def add_parser(sub):
     p.add_argument("--prompt", required=True, help="the prompt text, or '-' to read stdin")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--strategy", default="full",
-                   help="prefill strategy: full, kvp, aux-only, lazy, lazy-<schedule>, lazy-K1:K2:K3, runahead, "
-                   "tsp, runahead-kvp (kvp whose aux prefill runs on the runahead workers; "
+                   help="prefill strategy: full, kvp, aux-only, lazy[-<schedule>|-K1:K2:K3], "
+                   "runahead, tsp, runahead-kvp (kvp whose aux prefill runs on the runahead workers; "
                    "default: full)")
     p.add_argument("--kvp", default=None, metavar="FOLDER",
                    help="KV Prediction artifact for --strategy kvp / aux-only / runahead-kvp (default: the "

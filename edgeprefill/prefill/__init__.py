@@ -49,7 +49,8 @@ def make_strategy(name, model, **options):
     if name not in STRATEGIES:
         raise EdgeprefillError(
             f"unknown strategy '{name}': choose one of {', '.join(sorted(STRATEGIES))}, "
-            f"or lazy-<schedule> ({', '.join(SCHEDULES)}, or K1:K2:K3: see resolve_schedule)")
+            f"or lazy-<schedule> ({', '.join(SCHEDULES)}) or lazy-K1:K2:K3 (the fractions of "
+            "tokens kept at 30%, 60% and 90% of the layers)")
     return STRATEGIES[name](model, **options)
 
 

@@ -56,14 +56,14 @@ class Schedule:
         return out[:len(self.keep)]
 
 
+PAPER_DEPTHS = (0.3, 0.6, 0.9)  # pruning at about 30%, 60% and 90% of the layers
 SCHEDULES = {
-    "gentle": Schedule("gentle", (0.3, 0.6, 0.9), (0.9, 0.8, 0.7)),
-    "default": Schedule("default", (0.3, 0.6, 0.9), (0.7, 0.6, 0.5)),
-    "aggressive": Schedule("aggressive", (0.3, 0.6, 0.9), (0.5, 0.5, 0.5)),
+    "gentle": Schedule("gentle", PAPER_DEPTHS, (0.9, 0.8, 0.7)),
+    "default": Schedule("default", PAPER_DEPTHS, (0.7, 0.6, 0.5)),
+    "aggressive": Schedule("aggressive", PAPER_DEPTHS, (0.5, 0.5, 0.5)),
     "early": Schedule("early", (0.1, 0.3, 0.6), (0.6, 0.6, 0.6)),
-    "none": Schedule("none", (0.3, 0.6, 0.9), (1.0, 1.0, 1.0)),
+    "none": Schedule("none", PAPER_DEPTHS, (1.0, 1.0, 1.0)),
 }
-PAPER_DEPTHS = (0.3, 0.6, 0.9)
 
 
 def resolve_schedule(spec):
