@@ -11,7 +11,7 @@ import statistics
 import sys
 import time
 
-from apps.runahead import PARALLEL_STRATEGIES, RANDOM_PAIR
+from edgeprefill.apps.runahead import PARALLEL_STRATEGIES, RANDOM_PAIR
 from edgeprefill.errors import EdgeprefillError
 
 KVP_STRATEGIES = {"kvp", "aux-only", "runahead-kvp"}  # need a KV Prediction pair
@@ -30,7 +30,7 @@ def pair_record(path):
 
 
 def add_parser(sub):
-    from apps.generate import add_kvp_tail_arg, add_model_args
+    from edgeprefill.apps.generate import add_kvp_tail_arg, add_model_args
 
     p = sub.add_parser("bench", help="measure TTFT per strategy and prompt length")
     add_model_args(p)
@@ -179,7 +179,7 @@ class MlxRunner(Runner):
     def _parallel(self, strategy, ids, continuation=None, trials=1):
         """`trials` prefills on one launch of local workers: the last rank's result
         (apps.runahead; ttft_all_s holds every trial's TTFT)."""
-        from apps.runahead import run_prefill
+        from edgeprefill.apps.runahead import run_prefill
 
         artifact = None
         if strategy == "runahead-kvp":
@@ -427,7 +427,7 @@ def run(args):
     from rich.progress import Progress
     from rich.table import Table
 
-    from apps.info import machine_info
+    from edgeprefill.apps.info import machine_info
     from edgeprefill.blas import matmul_gflops
     from edgeprefill.loading import load
 
@@ -459,7 +459,7 @@ def run(args):
         if args.aux_shape:
             raise EdgeprefillError("--aux-shape goes with --shape (random-weight models)")
         lm = load(args.model, dtype=args.dtype)
-    from apps.generate import kvp_tail, strategy_options
+    from edgeprefill.apps.generate import kvp_tail, strategy_options
 
     kvp, tail = None, kvp_tail(args)
     if KVP_STRATEGIES & set(strategies) and not random_pair:
@@ -512,7 +512,7 @@ def run(args):
         write_json(args.json, {"header": header, "records": records})
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        from apps.plots import bench_plot
+        from edgeprefill.apps.plots import bench_plot
 
         bench_plot(records, args.plot, table.title)
         print(f"wrote {args.plot}", file=sys.stderr)
@@ -522,7 +522,7 @@ def run(args):
 def random_kvp_pair(lm, aux_shape, dtype):
     """(aux, predictor) of random weights for speed-only kvp runs: a KVP-C aux of `aux_shape`
     (same random tokenizer), else the base's first half (T-0.50) with a hidden-state predictor."""
-    from apps.kvp import build_predictor
+    from edgeprefill.kvp.pairs import build_predictor
     from edgeprefill.kvp.aux import AuxModel
     from edgeprefill.kvp.layer_map import compact_layer_map
     from edgeprefill.kvp.predictor import KVPredictor

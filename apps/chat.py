@@ -27,7 +27,7 @@ DELAY_S = float(os.environ.get("EDGEPREFILL_DECODE_DELAY_S", "0") or 0)
 
 
 def add_parser(sub):
-    from apps.generate import add_kvp_tail_arg, add_model_args
+    from edgeprefill.apps.generate import add_kvp_tail_arg, add_model_args
 
     p = sub.add_parser("chat", help="chat in the terminal (multi-turn, cache reuse)")
     add_model_args(p)
@@ -71,12 +71,12 @@ class Session:
         self.set_strategy(args.strategy)
 
     def set_strategy(self, name):
-        from apps.generate import strategy_options
+        from edgeprefill.apps.generate import strategy_options
         from edgeprefill.prefill import make_strategy
 
         old = getattr(self, "strategy", None)
         if name == "runahead":
-            from apps.runahead import PooledRunahead
+            from edgeprefill.apps.runahead import PooledRunahead
 
             self.console.print(f"[dim]starting {self.args.workers} runahead workers ...[/dim]")
             t0 = time.perf_counter()
@@ -176,7 +176,7 @@ class Session:
         t["generated_tokens"] += st["generated_tokens"]
         t["ttft_s"] += st["ttft_s"]
         t["decode_s"] += st["decode_s"]
-        from apps.generate import stats_line
+        from edgeprefill.apps.generate import stats_line
 
         note = " | context full" if result.finish_reason == "context" else ""
         self.console.print(f"[dim]{stats_line(st)} | context {st['context_tokens']}{note}[/dim]",
@@ -329,7 +329,7 @@ def command(session, text):
 def run(args):
     from rich.console import Console
 
-    from apps.generate import read_prompt, validate_sampling
+    from edgeprefill.apps.generate import read_prompt, validate_sampling
     from edgeprefill.loading import load
 
     validate_sampling(args)

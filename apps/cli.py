@@ -3,7 +3,6 @@
 import argparse
 import sys
 
-from edgeprefill.blas import ensure_fast_blas
 from edgeprefill.errors import EdgeprefillError
 
 COMMANDS = ("generate", "chat", "bench", "eval", "info", "kvp", "runahead", "export")
@@ -16,12 +15,11 @@ def build_parser():
         prog="edgeprefill", description="Short time-to-first-token for local LLMs on MLX.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"apps.{name}").add_parser(sub)
+        importlib.import_module(f"edgeprefill.apps.{name}").add_parser(sub)
     return parser
 
 
 def main(argv=None):
-    ensure_fast_blas()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -10,8 +10,8 @@ from edgeprefill.errors import EdgeprefillError
 
 
 def add_parser(sub):
-    from apps.generate import add_model_args
-    from converters.coreml import COMPUTE_UNITS, LAYOUTS, QUANTIZE
+    from edgeprefill.apps.generate import add_model_args
+    from edgeprefill.converters.coreml import COMPUTE_UNITS, LAYOUTS, QUANTIZE
 
     p = sub.add_parser("export", help="export to a Core ML .mlpackage (prefill, decode, "
                        "kvp_prefill) for the Neural Engine")
@@ -71,7 +71,7 @@ def run_export(args):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from converters.coreml import export as ex
+    from edgeprefill.converters.coreml import export as ex
     from edgeprefill.fsio import atomic_write_text
 
     ex.check_options(args.context, args.chunk, args.quantize, args.layout, args.compute_units)
@@ -111,7 +111,7 @@ def run_export(args):
                               "predictor_rank": card.get("predictor_rank"),
                               "quality": card.get("quality")}
     if args.verify:
-        from converters.coreml.verify import verify_package
+        from edgeprefill.converters.coreml.verify import verify_package
 
         report["verify"] = verify_package(out, mirror, pred, aux, args.chunk,
                                           prompt_ids=held_out_prompt(lm, args.chunk),
@@ -149,9 +149,9 @@ def load_for_export(args):
 
     path = args.kvp
     if path == "default":
-        from apps.kvp import default_artifact_path, ensure_default_artifact
+        from edgeprefill.kvp.pairs import ensure_default_pair
 
-        path = ensure_default_artifact(lm, default_artifact_path(lm.model_id))
+        path = ensure_default_pair(lm)
     aux, pred, card = load_artifact(path, lm.model)
     kind = card["aux"]["kind"]
     if not kind.startswith("T-") or list(aux.layers) != list(range(len(aux.layers))):

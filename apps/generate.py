@@ -3,7 +3,7 @@
 import json
 import sys
 
-from apps.runahead import PARALLEL_STRATEGIES
+from edgeprefill.prefill import PARALLEL_STRATEGIES
 from edgeprefill.errors import EdgeprefillError
 
 
@@ -25,9 +25,10 @@ def add_kvp_tail_arg(p):
 
 def kvp_tail(args):
     """--kvp-tail if given (checked), else None: the card decides."""
+    from edgeprefill.prefill import check_kvp_tail
+
     tail = getattr(args, "kvp_tail", None)
-    if tail is not None and tail < 1:
-        raise EdgeprefillError(f"--kvp-tail must be >= 1 (got {tail})")
+    check_kvp_tail(tail)
     return tail
 
 
@@ -69,28 +70,20 @@ def read_prompt(value):
 
 
 def validate_sampling(args):
-    if args.max_tokens < 1:
-        raise EdgeprefillError(f"--max-tokens must be at least 1 (got {args.max_tokens})")
-    if args.temp < 0:
-        raise EdgeprefillError(f"--temp must be >= 0 (got {args.temp})")
-    if not 0 < args.top_p <= 1:
-        raise EdgeprefillError(f"--top-p must be in (0, 1] (got {args.top_p})")
+    from edgeprefill.generate import check_sampling
+
+    check_sampling(args.max_tokens, args.temp, args.top_p)
 
 
 def strategy_options(args, lm, name=None):
-    """Options for make_strategy from the command line (kvp, aux-only: the artifact folder;
-    the default pair is fitted on first use for the bundled model; kvp, runahead-kvp: the
-    --kvp-tail if given)."""
-    name = name or args.strategy
-    if name not in ("kvp", "aux-only", "runahead-kvp"):
-        return {}
-    from apps.kvp import default_artifact_path, ensure_default_artifact
+    """make_strategy options from --kvp and --kvp-tail (kvp, aux-only, runahead-kvp)."""
+    from rich.console import Console
 
-    tail = kvp_tail(args)
-    opts = {"tail": tail} if tail is not None and name != "aux-only" else {}
-    if args.kvp:
-        return {"artifact": args.kvp, **opts}
-    return {"artifact": ensure_default_artifact(lm, default_artifact_path(lm.model_id)), **opts}
+    from edgeprefill.prefill import pair_options
+
+    err = Console(stderr=True)
+    return pair_options(lm, name or args.strategy, args.kvp, kvp_tail(args),
+                        say=lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
 
 
 def stats_line(stats):
@@ -137,7 +130,7 @@ def run(args):
 
 def run_parallel(args, lm, ids, err):
     """runahead / tsp / runahead-kvp: the workers prefill (and the last one decodes greedily); print the text."""
-    from apps.runahead import run_prefill
+    from edgeprefill.apps.runahead import run_prefill
 
     opts = strategy_options(args, lm)
     if args.temp > 0:

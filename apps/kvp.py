@@ -6,7 +6,8 @@ from pathlib import Path
 
 from edgeprefill.errors import EdgeprefillError
 
-DEFAULT_AUX = "T-0.50"  # the default pair: truncated aux, hidden-state predictor
+from edgeprefill.kvp.pairs import (DEFAULT_AUX, build_predictor, check_rank,  # noqa: F401
+                                   default_artifact_path, resolve_source)
 
 
 def add_fit_args(p):
@@ -26,19 +27,8 @@ def add_rank_arg(p):
                    "inputs (hidden-state inputs; fewer FLOPs, see README)")
 
 
-def check_rank_arg(rank, source):
-    """Raise EdgeprefillError unless --predictor-rank suits the predictor input."""
-    from edgeprefill.kvp.predictor import check_rank
-
-    try:
-        check_rank(rank, source)
-    except ValueError as e:
-        raise EdgeprefillError(f"--predictor-rank {rank}: {e}; pass a positive rank with "
-                               "--input hidden, hidden-in or hidden2, or drop the option") from None
-
-
 def add_parser(sub):
-    from apps.generate import add_model_args
+    from edgeprefill.apps.generate import add_model_args
 
     p = sub.add_parser("kvp", help="KV Prediction artifacts (fit, train, sweep)")
     ksub = p.add_subparsers(dest="kvp_command", metavar="ACTION", required=True)
@@ -70,90 +60,33 @@ def add_parser(sub):
     s.add_argument("--dir", default=None, help="where fitted artifacts go (default: cache)")
     s.set_defaults(run=run_sweep)
 
-    from apps.kvp_train import add_train_parser
+    from edgeprefill.apps.kvp_train import add_train_parser
 
     add_train_parser(ksub)
 
 
-def default_artifact_path(model_id, aux=DEFAULT_AUX, source=None, rank=None):
-    """Where `kvp fit` puts, and `--strategy kvp` looks for, a model's artifact (a low-rank
-    one gets its own folder, `-r<rank>`)."""
-    from edgeprefill.kvp.aux import parse_aux_kind
-    from edgeprefill.loading import cache_dir
-
-    kind, fraction = parse_aux_kind(aux)
-    if kind == "C":
-        raise EdgeprefillError("a KVP-C artifact has no default path: pass --out")
-    source = source or ("hidden" if kind == "T" else "kv")
-    safe = model_id.replace("/", "--")
-    suffix = "" if source == ("hidden" if kind == "T" else "kv") else f"-{source}"
-    suffix += f"-r{rank}" if rank else ""
-    return cache_dir() / "kvp" / f"{safe}-{kind}-{fraction:.2f}{suffix}"
-
-
-def resolve_source(aux_spec, source):
-    from edgeprefill.kvp.aux import parse_aux_kind
-
-    if source in (None, "auto"):
-        return "hidden" if parse_aux_kind(aux_spec)[0] == "T" else "kv"
-    return source
-
-
-def build_predictor(base, aux_spec, source, aux_lm=None, tokenizer=None, rank=None):
-    """(aux, empty KVPredictor) for an aux kind and predictor input (C: aux_lm, a LoadedModel
-    checked against the base's tokenizer); `rank`: a low-rank predictor."""
-    from edgeprefill.kvp.aux import make_aux
-    from edgeprefill.kvp.predictor import KVPredictor, input_dim
-
-    aux, layer_map, exact = make_aux(base, aux_spec, aux_lm, tokenizer)
-    in_dim = input_dim(aux, source)
-    return aux, KVPredictor(layer_map, in_dim, base.n_kv_heads, base.head_dim, source, exact,
-                            rank)
-
-
-def fit_artifact(lm, aux_spec, out, source="auto", tokens=30000, chunk=256, lam=1e-3,
-                 eval_refs=None, console=None, aux_lm=None, rank=None):
-    """Fit an artifact by ridge with a progress bar (`rank`: then reduce it to a low-rank
-    predictor), measure it on `eval_refs` (evaluate.Reference list) if given, write it
-    atomically. Returns (path, quality dict)."""
+def fit_artifact(lm, aux_spec, out, eval_refs=None, console=None, **options):
+    """`edgeprefill.kvp.pairs.fit_artifact` with a progress bar, measured on `eval_refs`
+    (evaluate.Reference list) if given. Returns (path, quality dict)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edgeprefill.data import BUILTIN_PAIRS, FIT_DATA, fit_chunks
-    from edgeprefill.kvp.artifact import save_artifact
-    from edgeprefill.kvp.fit import fit_ridge
+    from edgeprefill.kvp import pairs
 
-    if tokens < chunk or chunk < 8:
-        raise EdgeprefillError("--tokens must be >= --chunk and --chunk >= 8")
-    source = resolve_source(aux_spec, source)
-    check_rank_arg(rank, source)
-    base = lm.model
-    aux, pred = build_predictor(base, aux_spec, source, aux_lm, lm.tokenizer)
-    chunks = fit_chunks(lm.tokenizer, tokens, chunk)
-    total = sum(len(c) for c in chunks)
     console = console or Console(stderr=True)
+    measure = None
+    if eval_refs:
+        measure = lambda s: evaluate_refs(lm, s, eval_refs, console, "evaluating")  # noqa: E731
     with Progress(TextColumn("fitting {task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total} tokens"), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
-        task = bar.add_task(f"{aux.kind} ({source}{f', rank {rank}' if rank else ''})",
-                            total=total)
-        pred, used = fit_ridge(base, aux, pred, chunks, lam=lam, rank=rank,
-                               progress=lambda done: bar.update(task, completed=done))
-    quality = {}
-    if eval_refs:
-        quality = evaluate_refs(lm, make_kvp_strategy(base, aux, pred), eval_refs, console,
-                                f"evaluating {aux.kind}")
-        quality["data"] = BUILTIN_PAIRS
-    fit_info = {"method": "ridge", "lam": lam, "tokens": used, "chunk": chunk, "steps": 0,
-                "data": FIT_DATA}
-    save_artifact(out, pred, aux, base, lm.model_id, fit_info, quality)
-    return Path(out), quality
+        task = bar.add_task(str(aux_spec), total=None)
 
+        def progress(done, total, label):
+            bar.update(task, completed=done, total=total, description=label)
 
-def make_kvp_strategy(base, aux, pred):
-    from edgeprefill.prefill.kv_prediction import KVPrediction
-
-    return KVPrediction(base, aux, pred)
+        return pairs.fit_artifact(lm, aux_spec, out, measure=measure, progress=progress,
+                                  **options)
 
 
 def evaluate_refs(lm, strategy, refs, console, label):
@@ -194,77 +127,17 @@ def builtin_refs(lm, n_pairs, console, data=None, greedy_tokens=16):
     return refs
 
 
-def bundled_dir():
-    """edgeprefill/assets: trained pairs shipped with the package."""
-    import edgeprefill
-
-    return Path(edgeprefill.__file__).resolve().parent / "assets"
-
-
-def stale_bundled_copy(path, shipped):
-    """True when `path` holds an earlier release's bundled pair (trained, not a ridge fit
-    made here) whose weights (predictor, trained aux blocks) or card (e.g. its exact tail)
-    differ from the ones shipped now: it is then replaced."""
-    import filecmp
-
-    try:
-        card = json.loads((Path(path) / "card.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if card.get("fit", {}).get("method") == "ridge" or not (shipped / "card.json").is_file():
-        return False
-    names = {f.name for f in shipped.glob("*.safetensors")}
-    return names != {f.name for f in Path(path).glob("*.safetensors")} or not all(
-        filecmp.cmp(Path(path) / n, shipped / n, shallow=False) for n in names | {"card.json"})
-
-
-def ensure_default_artifact(lm, path):
-    """The default pair on first use (the bundled model only): the trained pair shipped with
-    edgeprefill when it matches the model, else a ridge fit; other models are left alone."""
-    import shutil
-
-    from rich.console import Console
-
-    from edgeprefill.fsio import atomic_folder
-    from edgeprefill.kvp.artifact import load_artifact
-
-    shipped = bundled_dir() / Path(path).name
-    if lm.spec != "default" or Path(path).exists() and not stale_bundled_copy(path, shipped):
-        return path
-    console = Console(stderr=True)
-    if shipped.is_dir():
-        try:
-            _, _, card = load_artifact(shipped, lm.model)
-        except EdgeprefillError:
-            card = None  # a different build of the model: fit one instead
-        if card is not None:
-            with atomic_folder(Path(path)) as tmp:
-                for f in shipped.iterdir():
-                    shutil.copy2(f, tmp / f.name)
-            q = card.get("quality") or {}
-            console.print(f"[dim]kvp: installed the bundled default pair ({DEFAULT_AUX}, "
-                          f"trained; held-out NLL ratio {q.get('nll_ratio', float('nan')):.2f}, "
-                          f"first-token agreement {q.get('first_token_agreement', float('nan')):.2f}"
-                          f" on {q.get('data', 'held-out pairs')}) in {path}[/dim]")
-            return path
-    console.print(f"[dim]first use of kvp: fitting the default pair ({DEFAULT_AUX}, hidden-state "
-                  f"predictor) into {path}, about two minutes, once[/dim]")
-    fit_artifact(lm, DEFAULT_AUX, path, console=console)
-    return path
-
-
 def run_fit(args):
     from rich.console import Console
 
-    from edgeprefill.loading import load
-
     from edgeprefill.kvp.aux import parse_aux_kind
+    from edgeprefill.loading import load
 
     source = resolve_source(args.aux, args.input)
     kind, _ = parse_aux_kind(args.aux)
     if (kind == "C") != bool(args.aux_model):
         raise EdgeprefillError("--aux C and --aux-model go together: pass both or neither")
-    check_rank_arg(args.predictor_rank, source)
+    check_rank(args.predictor_rank, source)
     lm = load(args.model, dtype=args.dtype)
     aux_lm = load(args.aux_model, dtype=args.dtype) if args.aux_model else None
     console = Console(stderr=True)
@@ -276,8 +149,9 @@ def run_fit(args):
             f"{lm.model_id}-C-{aux_lm.model_id}".replace("/", "--"))
     else:
         out = default_artifact_path(lm.model_id, args.aux, source, args.predictor_rank)
-    path, q = fit_artifact(lm, args.aux, out, source, args.tokens, args.chunk, args.lam, refs,
-                           console, aux_lm, args.predictor_rank)
+    path, q = fit_artifact(lm, args.aux, out, refs, console, source=source, tokens=args.tokens,
+                           chunk=args.chunk, lam=args.lam, aux_lm=aux_lm,
+                           rank=args.predictor_rank)
     card_q = (f"; held-out agreement {q['first_token_agreement']:.2f}, KL "
               f"{q['first_token_kl']:.3f}, NLL ratio {q['nll_ratio']:.2f}" if q else "")
     rank = f" of rank {args.predictor_rank}" if args.predictor_rank else ""
@@ -289,7 +163,7 @@ def run_sweep(args):
     from rich.console import Console
     from rich.table import Table
 
-    from apps.bench import parse_list, write_json
+    from edgeprefill.apps.bench import parse_list, write_json
     from edgeprefill.data import BUILTIN_PAIRS
     from edgeprefill.flops import flops_options, strategy_flops
     from edgeprefill.kvp.artifact import load_artifact
@@ -314,8 +188,8 @@ def run_sweep(args):
         out = (Path(args.dir) / f"{kind}-{source}" if args.dir
                else default_artifact_path(lm.model_id, kind, source))
         if not out.exists():
-            fit_artifact(lm, kind, out, source, args.tokens, args.chunk, args.lam,
-                         console=console)
+            fit_artifact(lm, kind, out, console=console, source=source, tokens=args.tokens,
+                         chunk=args.chunk, lam=args.lam)
         aux, pred, _ = load_artifact(out, lm.model)
         for strategy in (KVPrediction(lm.model, aux, pred), AuxOnly(lm.model, aux)):
             q = evaluate_refs(lm, strategy, refs, console, f"{strategy.name} {aux.kind}")
@@ -340,7 +214,7 @@ def run_sweep(args):
     write_json(args.json_out, {"header": header, "records": records})
     print(f"wrote {args.json_out}", file=sys.stderr)
     if args.plot:
-        from apps.plots import pareto_plot
+        from edgeprefill.apps.plots import pareto_plot
 
         pareto_plot(records, args.plot, f"{lm.model_id}: quality vs TTFT FLOPs")
         print(f"wrote {args.plot}", file=sys.stderr)

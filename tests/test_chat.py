@@ -13,7 +13,7 @@ PROMPT = "\r\n> "
 @pytest.fixture
 def chat(tiny_models, cli_env):
     def spawn(*extra, env=None, preexec_fn=None):
-        child = pexpect.spawn(sys.executable, ["-m", "apps.cli", "chat", "--model",
+        child = pexpect.spawn(sys.executable, ["-m", "edgeprefill.apps.cli", "chat", "--model",
                                                str(tiny_models["llama"]), "--max-tokens", "6",
                                                *extra], env=env or cli_env, encoding="utf-8",
                               timeout=120, dimensions=(40, 200), preexec_fn=preexec_fn)
@@ -112,16 +112,16 @@ def test_save_then_load_restores_the_caches(chat, tmp_path):
 
 def test_one_shot_prompt_and_piped_stdin(tiny_models, cli_env):
     model = str(tiny_models["llama"])
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "chat", "--model", model, "--prompt",
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "chat", "--model", model, "--prompt",
                         "hello", "--max-tokens", "4"], env=cli_env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert re.search(r"strategy full \| prompt \d+ tok", r.stderr)
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "chat", "--model", model,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "chat", "--model", model,
                         "--max-tokens", "4"], input="a piped\nmulti-line document\n",
                        env=cli_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr and "TTFT" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "chat", "--model", model],
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "chat", "--model", model],
                        input="", env=cli_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "prompt is empty" in r.stderr
 

@@ -56,7 +56,7 @@ def _t_pair(lm, source="hidden", copies=0, rank=None):
 
 def _export(lm, tmp_path, layout="default", quantize="none", kvp=None, decode=True,
             context=CONTEXT):
-    from converters.coreml import export as ex
+    from edgeprefill.converters.coreml import export as ex
     from edgeprefill.mirror.loading import mirror_from_mlx
 
     mirror = kvp[4] if kvp else mirror_from_mlx(lm.model)
@@ -83,8 +83,8 @@ def test_package_matches_the_mirror_in_the_interpreter(tiny_models, tmp_path, fa
     """qwen3/ane also carries a trained copy of the aux's last block (kvp_prefill runs it,
     prefill and decode run the base's own) and a low-rank predictor (its shared
     down-projection a 1x1 convolution too, like the K/V Linears)."""
-    from converters.coreml.export import package_report
-    from converters.coreml.verify import verify_package
+    from edgeprefill.converters.coreml.export import package_report
+    from edgeprefill.converters.coreml.verify import verify_package
 
     lm = load(str(tiny_models[family]))
     kvp = _t_pair(lm, copies=copies, rank=rank)
@@ -95,8 +95,8 @@ def test_package_matches_the_mirror_in_the_interpreter(tiny_models, tmp_path, fa
     _check(report, 1e-2)
     # an exact tail (the card's): kvp_prefill over the head, then prefill over the tail, in
     # one chunk (3) or across two (20 > CHUNK), against the mirror's KVPrediction
-    from converters.coreml.export import load_program
-    from converters.coreml.verify import verify_kvp
+    from edgeprefill.converters.coreml.export import load_program
+    from edgeprefill.converters.coreml.verify import verify_kvp
 
     prog = load_program(out)
     for tail in (3, 20):
@@ -120,9 +120,9 @@ def test_package_matches_the_mirror_in_the_interpreter(tiny_models, tmp_path, fa
     ("qwen2", "int8", 2e-2, 0.999),  # qwen2: biased q/k/v projections, untied head
     ("llama", "int4-block", 0.15, 0.97), ("llama", "palette4", 0.15, 0.97)])
 def test_quantized_packages_stay_close(tiny_models, tmp_path, family, quantize, rel, cos):
-    from converters.coreml.export import load_program, package_report
-    from converters.coreml.mil_interp import OPS
-    from converters.coreml.verify import verify_package
+    from edgeprefill.converters.coreml.export import load_program, package_report
+    from edgeprefill.converters.coreml.mil_interp import OPS
+    from edgeprefill.converters.coreml.verify import verify_package
 
     lm = load(str(tiny_models[family]))
     # a 256-position context: its RoPE tables (256 x 16) are above the compression threshold,
@@ -153,7 +153,7 @@ def test_quantized_packages_stay_close(tiny_models, tmp_path, family, quantize, 
 def test_export_cli_writes_a_package_and_refuses_bad_options(tiny_models, cli_env, tmp_path):
     model = str(tiny_models["llama"])
     out = tmp_path / "tiny.mlpackage"
-    cmd = [sys.executable, "-m", "apps.cli", "export", "--model", model, "--out", str(out),
+    cmd = [sys.executable, "-m", "edgeprefill.apps.cli", "export", "--model", model, "--out", str(out),
            "--context", "64", "--chunk", "16", "--layout", "default", "--verify", "--json",
            str(tmp_path / "r.json")]
     r = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=600)
@@ -179,7 +179,7 @@ def test_export_cli_writes_a_package_and_refuses_bad_options(tiny_models, cli_en
 def test_core_ml_predict_matches_the_mirror_on_macos(tiny_models, tmp_path):
     import coremltools as ct
 
-    from converters.coreml.verify import compare, mirror_reference
+    from edgeprefill.converters.coreml.verify import compare, mirror_reference
 
     lm = load(str(tiny_models["llama"]))
     out, mirror, _, _ = _export(lm, tmp_path)
@@ -201,8 +201,8 @@ def test_float16_safe_norm_with_massive_activations(tiny_models, tmp_path):
     float16, so the exported RMS norm rescales first. Embeddings scaled by 2000 reproduce it."""
     import torch
 
-    from converters.coreml import export as ex
-    from converters.coreml.verify import verify_package
+    from edgeprefill.converters.coreml import export as ex
+    from edgeprefill.converters.coreml.verify import verify_package
     from edgeprefill.mirror.loading import mirror_from_mlx
 
     lm = load(str(tiny_models["llama"]))
@@ -221,7 +221,7 @@ def test_export_refuses_a_copy_with_its_own_k_norm(tiny_models):
     k_norm moved off it (kvp train keeps it frozen) is refused with a one-line reason."""
     import torch
 
-    from converters.coreml import export as ex
+    from edgeprefill.converters.coreml import export as ex
     from edgeprefill.errors import EdgeprefillError
 
     lm = load(str(tiny_models["qwen3"]))

@@ -12,7 +12,7 @@ from edgeprefill.prefill import FullPrefill
 
 
 def _cli(args, env, timeout=600):
-    return subprocess.run([sys.executable, "-m", "apps.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -13,7 +13,7 @@ from edgeprefill.prefill import make_strategy
 
 
 def cli(args, env, stdin=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "apps.cli", *args], env=env, input=stdin,
+    return subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", *args], env=env, input=stdin,
                           capture_output=True, text=True, timeout=timeout)
 
 

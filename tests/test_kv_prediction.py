@@ -128,7 +128,7 @@ def test_kvp_fit_cli_then_generate_with_the_artifact(tiny_models, cli_env, tmp_p
 
     art = tmp_path / "art"
     model = str(tiny_models["llama"])
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "fit", "--model", model,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "kvp", "fit", "--model", model,
                         "--aux", "LP-0.50", "--tokens", "400", "--chunk", "64", "--eval-pairs", "2", "--out",
                         str(art)], env=cli_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -137,14 +137,14 @@ def test_kvp_fit_cli_then_generate_with_the_artifact(tiny_models, cli_env, tmp_p
     assert card["predictor_input"] == "kv" and card["tail"] == 1
     assert 0 <= card["quality"]["first_token_agreement"] <= 1 and card["quality"]["pairs"] == 2
     assert card["layer_map"] == [0, 0, 1, 1] and card["fit"]["method"] == "ridge"
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", model,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "generate", "--model", model,
                         "--prompt", "the quick brown fox", "--strategy", "kvp", "--kvp",
                         str(art), "--max-tokens", "4", "--json"], env=cli_env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     stats = json.loads(r.stdout)["stats"]
     assert stats["strategy"] == "kvp" and stats["extra"]["aux"] == "LP-0.50"
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", model,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "generate", "--model", model,
                         "--prompt", "hi", "--strategy", "kvp", "--kvp", str(tmp_path / "none")],
                        env=cli_env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "no KV Prediction artifact" in r.stderr
@@ -229,7 +229,7 @@ def test_compact_aux_fit_generate_and_tokenizer_refusal(tiny_models, cli_env, tm
                                 num_hidden_layers=2, hidden_size=32, intermediate_size=64)
     other = random_model_folder(tmp_path / "other", "llama", "tiny", seed=4, vocab_size=320)
     model, art = str(tiny_models["llama"]), tmp_path / "art"
-    base = [sys.executable, "-m", "apps.cli", "kvp", "fit", "--model", model, "--aux", "C",
+    base = [sys.executable, "-m", "edgeprefill.apps.cli", "kvp", "fit", "--model", model, "--aux", "C",
             "--tokens", "240", "--chunk", "60", "--eval-pairs", "0"]
     r = subprocess.run(base + ["--aux-model", str(small), "--out", str(art)], env=cli_env,
                        capture_output=True, text=True, timeout=300)
@@ -237,7 +237,7 @@ def test_compact_aux_fit_generate_and_tokenizer_refusal(tiny_models, cli_env, tm
     card = json.loads((art / "card.json").read_text())
     assert card["aux"]["kind"] == "C" and card["aux"]["weights"] == "model"
     assert card["layer_map"] == [0, 0, 1, 1]
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", model,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "generate", "--model", model,
                         "--prompt", "the quick brown fox", "--strategy", "kvp", "--kvp",
                         str(art), "--max-tokens", "3", "--json"], env=cli_env,
                        capture_output=True, text=True, timeout=300)
@@ -261,7 +261,7 @@ def test_bundled_default_pair_is_complete():
 
     import mlx.core as mx
 
-    from apps.kvp import bundled_dir
+    from edgeprefill.kvp.pairs import bundled_dir
 
     folder = bundled_dir() / "SmolLM2-135M-Instruct-T-0.50"
     card = json.loads((folder / "card.json").read_text())
@@ -285,7 +285,7 @@ def test_an_earlier_bundled_pair_is_replaced_but_a_local_fit_is_kept(tmp_path):
     import json
     import shutil
 
-    from apps.kvp import bundled_dir, stale_bundled_copy
+    from edgeprefill.kvp.pairs import bundled_dir, stale_bundled_copy
 
     shipped = bundled_dir() / "SmolLM2-135M-Instruct-T-0.50"
     old = tmp_path / "installed"
@@ -315,7 +315,7 @@ def test_an_earlier_bundled_pair_is_replaced_but_a_local_fit_is_kept(tmp_path):
 def test_stacked_prediction_equals_layer_by_layer(tiny_models, family, spec, source):
     """The inference path predicts every layer in one batched matmul and one RoPE call, into
     views of one buffer: the same cache as one Linear, k_norm and RoPE per layer."""
-    from apps.kvp import build_predictor
+    from edgeprefill.kvp.pairs import build_predictor
 
     m = load(str(tiny_models[family])).model
     mx.random.seed(5)
@@ -340,7 +340,7 @@ def test_stacked_prediction_equals_layer_by_layer(tiny_models, family, spec, sou
 def test_overlapped_base_step_equals_sequential(tiny_models, family, spec, source):
     """The GPU path queues each base layer's one-token step on a second stream as soon as its
     K/V are predicted: the same cache and logits as running the aux first, then the base."""
-    from apps.kvp import build_predictor
+    from edgeprefill.kvp.pairs import build_predictor
 
     m = load(str(tiny_models[family])).model
     mx.random.seed(6)

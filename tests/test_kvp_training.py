@@ -85,7 +85,7 @@ def test_self_kv_exact_is_what_inference_computes(tiny_models, family):
     logits equal the kvp strategy's first-token logits, where 'predicted' (the paper: every K/V
     replaced, the query's own too) differs; the identity pair stays exact; MLX and the mirror
     agree on the loss."""
-    from apps.kvp import build_predictor
+    from edgeprefill.kvp.pairs import build_predictor
     from edgeprefill.kvp.fit import fit_ridge
     from edgeprefill.kvp.train import loss_terms, replaced_block, self_exact_mask
     from edgeprefill.mirror.kvp.aux import AuxModel as TAux
@@ -129,7 +129,7 @@ def test_train_tail_window_is_what_an_exact_tail_computes(tiny_models):
     T at a block's last position, 2 one past a block's start; MLX and the mirror agree on
     the loss, which differs from the tail-1 loss; a window with the paper's 'predicted' is
     refused."""
-    from apps.kvp import build_predictor
+    from edgeprefill.kvp.pairs import build_predictor
     from edgeprefill.kvp.fit import fit_ridge
     from edgeprefill.kvp.train import Trainer, loss_terms, replaced_block, self_exact_mask
     from edgeprefill.mirror.kvp.aux import AuxModel as TAux
@@ -199,7 +199,7 @@ def test_mirror_bf16_autocast_keeps_the_loss_and_its_gradient(tiny_models):
 @pytest.mark.parametrize("kind,source", [("LP-0.50", "kv"), ("T-0.50", "hidden")])
 def test_mirror_kvp_strategy_equals_mlx(tiny_models, kind, source):
     """Parity of the kvp path, a second turn included (the aux catches up on the gap)."""
-    from apps.kvp import build_predictor
+    from edgeprefill.kvp.pairs import build_predictor
     from edgeprefill.kvp.fit import fit_ridge
     from edgeprefill.mirror.kvp.aux import AuxModel as TAux
     from edgeprefill.mirror.kvp.predictor import predictor_to_torch
@@ -257,7 +257,7 @@ def test_mlx_training_lowers_the_loss_and_resumes(tiny_models, tmp_path):
 def test_kvp_train_cli_mirror_then_generate(tiny_models, cli_env, tmp_path):
     model = str(tiny_models["llama"])
     art = tmp_path / "art"
-    cmd = [sys.executable, "-m", "apps.cli", "kvp", "train", "--model", model, "--aux",
+    cmd = [sys.executable, "-m", "edgeprefill.apps.cli", "kvp", "train", "--model", model, "--aux",
            "LP-0.50", "--steps", "4", "--batch", "2", "--seq", "16", "--tokens", "400",
            "--ridge-tokens", "300", "--backend", "mirror", "--checkpoint-every", "2",
            "--eval-pairs", "2", "--out", str(art)]
@@ -273,7 +273,7 @@ def test_kvp_train_cli_mirror_then_generate(tiny_models, cli_env, tmp_path):
                        + ["--resume"], env=cli_env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "resumed" in r.stderr and json.loads((art / "card.json").read_text())["fit"]["steps"] == 6
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", model,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "generate", "--model", model,
                         "--prompt", "the quick brown fox", "--strategy", "kvp", "--kvp",
                         str(art), "--max-tokens", "3", "--json"], env=cli_env,
                        capture_output=True, text=True, timeout=300)
@@ -389,7 +389,7 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
 
     lm = load(str(tiny_models["llama"]))
     art = tmp_path / "art"
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", "--model", lm.spec,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "kvp", "train", "--model", lm.spec,
                         "--aux", "T-0.50", "--train-aux-layers", "1", "--aux-weight", "0",
                         "--steps", "3", "--batch", "2", "--seq", "16", "--tokens", "400",
                         "--ridge-tokens", "300", "--backend", "mirror", "--eval-pairs", "0",
@@ -409,7 +409,7 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
     total, t_base, _, l1 = loss_terms(lm.model, kvp.aux, kvp.predictor, ids[:, :-1], ids[:, 1:],
                                       "kl", aux_weight=0.0)
     assert abs(total.item() - (t_base + l1).item()) < 1e-5
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", "--model", lm.spec,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "kvp", "train", "--model", lm.spec,
                         "--aux", "T-0.50", "--train-aux-layers", "5", "--steps", "1",
                         "--tokens", "400", "--ridge-tokens", "300", "--seq", "16",
                         "--eval-pairs", "0", "--out", str(tmp_path / "x")], env=cli_env,
@@ -422,13 +422,13 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
                       "--train-tail needs --self-kv exact"),
                      (["--tail", "16", "--seq", "16"], "--train-tail 16 (default: --tail) must "
                       "be below --seq 16")):
-        r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", "--model",
+        r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "kvp", "train", "--model",
                             lm.spec, "--out", str(tmp_path / "x")] + bad, env=cli_env,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 1 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
     # continuing from the artifact (its copies and predictor): the card says from what
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", "--model", lm.spec,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "kvp", "train", "--model", lm.spec,
                         "--aux", "T-0.50", "--init", str(art), "--aux-weight", "0",
                         "--self-kv", "predicted", "--steps", "1", "--batch", "2", "--seq", "16", "--tokens", "400",
                         "--backend", "mirror", "--eval-pairs", "0", "--out",
@@ -460,7 +460,7 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
         grow_copies(aux1, [0])
     grow = ["--model", lm.spec, "--aux", "T-0.50", "--aux-weight", "0", "--steps", "1",
             "--batch", "2", "--seq", "16", "--tokens", "400", "--eval-pairs", "0"]
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", *grow, "--init",
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "kvp", "train", *grow, "--init",
                         str(art), "--train-aux-layers", "2", "--tail", "4", "--backend", "mirror",
                         "--out", str(tmp_path / "art3")], env=cli_env, capture_output=True,
                        text=True, timeout=600)
@@ -472,7 +472,7 @@ def test_training_only_the_last_aux_blocks_without_the_aux_term(tiny_models, cli
         "0", "1"}
     for bad, msg in ((["--train-aux-layers", "1"], "already trains aux blocks [0, 1]; pass at "
                       "least 2"), (["--train-aux", "no"], "aux blocks [0, 1] are trained copies")):
-        r = subprocess.run([sys.executable, "-m", "apps.cli", "kvp", "train", *grow, "--init",
+        r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "kvp", "train", *grow, "--init",
                             str(tmp_path / "art3"), *bad, "--out", str(tmp_path / "y")],
                            env=cli_env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 1 and not (tmp_path / "y").exists()
@@ -485,8 +485,8 @@ def test_trained_aux_copies_mirror_and_keep_the_base_k_norm(tiny_models):
     k_norm off the base's (the base cache holds the copy's keys under the base's k_norm)."""
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from apps.bench import mirror_pair
-    from apps.kvp import build_predictor
+    from edgeprefill.apps.bench import mirror_pair
+    from edgeprefill.kvp.pairs import build_predictor
     from edgeprefill.kvp.fit import fit_ridge
     from edgeprefill.kvp.train import Trainer, trainable_aux
     from edgeprefill.mirror.kvp.train import Trainer as TTrainer
@@ -528,8 +528,8 @@ def test_trained_kvp_c_copies_run_on_the_mirror(tiny_models, tmp_path):
     same on the mirror benchmark's path: the small model is mirrored, then its copies."""
     from mlx.utils import tree_flatten, tree_unflatten
 
-    from apps.bench import mirror_pair
-    from apps.kvp import build_predictor
+    from edgeprefill.apps.bench import mirror_pair
+    from edgeprefill.kvp.pairs import build_predictor
     from edgeprefill.kvp.fit import fit_ridge
     from edgeprefill.kvp.train import trainable_aux
     from edgeprefill.mirror.loading import mirror_from_mlx

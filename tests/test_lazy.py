@@ -87,13 +87,13 @@ def test_lazy_in_generate_cli_and_unknown_schedule(tiny_models, cli_env):
     import sys
 
     model = str(tiny_models["llama"])
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", model,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "generate", "--model", model,
                         "--prompt", PROMPT, "--strategy", "lazy-aggressive", "--max-tokens", "4",
                         "--json"], env=cli_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     stats = json.loads(r.stdout)["stats"]
     assert stats["strategy"] == "lazy" and stats["extra"]["schedule"] == "aggressive"
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", model,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "generate", "--model", model,
                         "--prompt", "hi", "--strategy", "lazy-nope"], env=cli_env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "unknown lazy schedule 'nope'" in r.stderr
@@ -124,7 +124,7 @@ def test_mirror_lazy_equals_mlx_through_decoding(tiny_models, schedule):
 
 
 def test_custom_keep_schedule_matches_the_named_one_and_sets_the_flops(tiny_models):
-    from apps.bench import runner_accepts
+    from edgeprefill.apps.bench import runner_accepts
     from edgeprefill.errors import EdgeprefillError
     from edgeprefill.flops import flops_options, strategy_flops
     from edgeprefill.prefill import make_strategy

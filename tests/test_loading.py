@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from converters.gguf_to_hf import convert_gguf, unpermute_qk
+from edgeprefill.gguf import convert_gguf, unpermute_qk
 from edgeprefill.errors import EdgeprefillError
 from edgeprefill.loading import load, resolve_model_path
 from tests.gguf_fixture import llama_cpp_permute, write_tiny_gguf

@@ -16,7 +16,7 @@ RANK = 8
 
 def _fitted(m, source="hidden2", rank=None):
     """(aux, ridge-fitted T-0.50 predictor, its input moments, the fitting windows)."""
-    from apps.kvp import build_predictor
+    from edgeprefill.kvp.pairs import build_predictor
     from edgeprefill.kvp.fit import RidgeAccumulator, collect_pair
 
     aux, pred = build_predictor(m, "T-0.50", source)
@@ -120,7 +120,7 @@ def test_low_rank_flops_mirror_and_stacked_path(tiny_models):
 
 
 def _cli(args, env):
-    return subprocess.run([sys.executable, "-m", "apps.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", *args], env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -142,11 +142,11 @@ def test_fit_and_train_low_rank_pairs_and_their_refusals(tiny_models, cli_env, t
     r = _cli(fit + ["--input", "kv", "--predictor-rank", "4", "--out", str(bad)], cli_env)
     assert r.returncode == 1 and "hidden-state input" in r.stderr and not bad.exists(), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    from apps.kvp import check_rank_arg
+    from edgeprefill.kvp.pairs import check_rank
     from edgeprefill.errors import EdgeprefillError
 
     with pytest.raises(EdgeprefillError, match="integer >= 1"):
-        check_rank_arg(0, "hidden2")
+        check_rank(0, "hidden2")
     # kvp train --init a full-rank pair --predictor-rank R: reduced, then trained
     r = _cli(fit + ["--out", str(full)], cli_env)
     assert r.returncode == 0, r.stderr

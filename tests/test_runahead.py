@@ -17,7 +17,7 @@ def lm(tiny_models):
 
 
 def test_runahead_on_two_workers_equals_full(lm):
-    from apps.runahead import run_prefill
+    from edgeprefill.apps.runahead import run_prefill
 
     ids = list(range(5, 28))  # balanced split, n not divisible by p
     r = run_prefill(lm, ids, "runahead", 2, timeout=120, check=True)
@@ -37,7 +37,7 @@ def test_partitions_and_bytes_moved(lm):
 
 
 def test_dead_worker_gives_a_clear_error_without_hanging(lm, tmp_path):
-    from apps.runahead import launch
+    from edgeprefill.apps.runahead import launch
     from edgeprefill.errors import EdgeprefillError
 
     jobs = tmp_path / "jobs.json"
@@ -55,7 +55,7 @@ def test_generate_cli_with_runahead_workers(tiny_models, cli_env):
 
     lm = load(str(tiny_models["llama"]))
     prompt = "the quick brown fox jumps over the lazy dog"
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", lm.spec,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "generate", "--model", lm.spec,
                         "--prompt", prompt, "--strategy", "runahead", "--workers", "2",
                         "--max-tokens", "5", "--json"], env=cli_env, capture_output=True,
                        text=True, timeout=300)
@@ -67,7 +67,7 @@ def test_generate_cli_with_runahead_workers(tiny_models, cli_env):
 
 
 def test_generate_cli_with_runahead_kvp_equals_kvp(tiny_models, cli_env, tmp_path):
-    from apps.runahead import run_prefill
+    from edgeprefill.apps.runahead import run_prefill
     from edgeprefill.errors import EdgeprefillError
     from edgeprefill.generate import build_prompt, generate
     from edgeprefill.prefill import make_strategy
@@ -75,7 +75,7 @@ def test_generate_cli_with_runahead_kvp_equals_kvp(tiny_models, cli_env, tmp_pat
     lm = load(str(tiny_models["llama"]))
     art = _random_pair_artifact(lm, "T-0.50", "hidden", tmp_path / "art")
     prompt = "the quick brown fox jumps over the lazy dog"
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "generate", "--model", lm.spec,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "generate", "--model", lm.spec,
                         "--prompt", prompt, "--strategy", "runahead-kvp", "--kvp", str(art),
                         "--workers", "2", "--max-tokens", "5", "--json"], env=cli_env,
                        capture_output=True, text=True, timeout=300)
@@ -90,7 +90,7 @@ def test_generate_cli_with_runahead_kvp_equals_kvp(tiny_models, cli_env, tmp_pat
 
 
 def test_partition_table_interpolates_and_falls_back(lm, tmp_path, capsys):
-    from apps.runahead import mixed_partition, partition_from_table
+    from edgeprefill.apps.runahead import mixed_partition, partition_from_table
 
     table = tmp_path / "t.json"
     table.write_text(json.dumps({lm.model_id: {"2": {"100": 0.0, "300": 1.0}}}))
@@ -106,7 +106,7 @@ def test_partition_table_interpolates_and_falls_back(lm, tmp_path, capsys):
 def test_tune_writes_a_table_and_the_projection_reads_it(tiny_models, cli_env, tmp_path):
     out, rec, proj = tmp_path / "table.json", tmp_path / "tune.json", tmp_path / "proj.json"
     model = str(tiny_models["llama"])
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "runahead", "tune", "--model", model,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "runahead", "tune", "--model", model,
                         "--workers", "2", "--prompt-tokens", "40", "--alphas", "0,1",
                         "--trials", "1", "--with-tsp", "--json", str(rec), "--out", str(out)],
                        env=cli_env, capture_output=True, text=True, timeout=600)
@@ -117,7 +117,7 @@ def test_tune_writes_a_table_and_the_projection_reads_it(tiny_models, cli_env, t
     (run,) = json.loads(rec.read_text())["runs"]
     assert [x["strategy"] for x in run["results"]] == ["runahead", "runahead", "tsp"]
     assert len(run["link"]) == 5 and all(x["round_trip_s"] > 0 for x in run["link"])
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "runahead", "project", "--model", model,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "runahead", "project", "--model", model,
                         "--workers", "2,4", "--prompt-tokens", "64", "--measured", str(rec),
                         "--json", str(proj), "--plot", str(tmp_path / "p.png")], env=cli_env,
                        capture_output=True, text=True, timeout=600)
@@ -126,7 +126,7 @@ def test_tune_writes_a_table_and_the_projection_reads_it(tiny_models, cli_env, t
     assert {(x["workers"], x["n"]) for x in p["projection"]} >= {(2, 64), (4, 64), (2, 40)}
     assert len(p["validation"]) == 3 and all(x["predicted_s"] > 0 for x in p["validation"])
     assert (tmp_path / "p.png").stat().st_size > 0
-    r = subprocess.run([sys.executable, "-m", "apps.cli", "runahead", "project", "--model", model,
+    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "runahead", "project", "--model", model,
                         "--measured", str(out)], env=cli_env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 1 and "cannot read a tune record" in r.stderr
@@ -159,7 +159,7 @@ def _random_pair_artifact(lm, spec, source, folder):
     """An artifact folder: aux `spec` of the tiny base with a random-weight predictor."""
     import mlx.core as mx
 
-    from apps.kvp import build_predictor
+    from edgeprefill.kvp.pairs import build_predictor
     from edgeprefill.kvp.artifact import save_artifact
 
     mx.random.seed(3)
@@ -174,7 +174,7 @@ def test_three_workers_equal_one_process_for_runahead_tsp_and_runahead_kvp(lm, t
     truncated aux with a hidden-state predictor and a layer-pruned aux with the paper's K/V
     predictor, on uneven and default partitions, with more workers than the aux has tokens,
     and for a one-token prompt (the base step only)."""
-    from apps.runahead import run_jobs
+    from edgeprefill.apps.runahead import run_jobs
     from edgeprefill.evaluate import continuation_logits, mean_nll
     from edgeprefill.prefill import make_strategy
     from edgeprefill.prefill.runahead import kvp_runahead_bytes, runahead_bytes

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from converters.coreml import COMPUTE_UNITS, LAYOUTS, QUANTIZE  # noqa: F401  (re-exported)
+from edgeprefill.converters.coreml import COMPUTE_UNITS, LAYOUTS, QUANTIZE  # noqa: F401  (re-exported)
 from edgeprefill.errors import EdgeprefillError
 
 FUNCTIONS = ("prefill", "decode", "kvp_prefill")
@@ -41,7 +41,7 @@ def build(mirror_model, context, layout="default", predictor=None, aux=None):
     (`aux`: its mirror AuxModel, whose trained block copies, if any, the package carries)."""
     import torch
 
-    from converters.coreml.modules import ExportModel
+    from edgeprefill.converters.coreml.modules import ExportModel
 
     copies = getattr(aux.model, "copies", None) if aux is not None else None
     for k, layer in (copies or {}).items():

@@ -1,6 +1,6 @@
 """Run an exported package: Core ML itself on macOS, the numpy MIL interpreter elsewhere.
 
-    from converters.coreml.run import PackageRunner
+    from edgeprefill.converters.coreml.run import PackageRunner
     runner = PackageRunner("smollm2.mlpackage")          # backend: coreml on a Mac
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     tokens = runner.generate(ids, max_tokens=16)          # prefill chunks, then decode steps
@@ -32,16 +32,16 @@ class PackageRunner:
         if backend == "coreml":
             import coremltools as ct
 
-            from converters.coreml.export import COMPUTE_UNITS
+            from edgeprefill.converters.coreml.export import COMPUTE_UNITS
 
             cu = getattr(ct.ComputeUnit, COMPUTE_UNITS[compute_units])
             self.models = {f: ct.models.MLModel(self.path, function_name=f, compute_units=cu)
                            for f in self._functions()}
             self.state = self.models["decode"].make_state()
         else:
-            from converters.coreml.export import load_program
-            from converters.coreml.mil_interp import Interpreter
-            from converters.coreml.verify import empty_states
+            from edgeprefill.converters.coreml.export import load_program
+            from edgeprefill.converters.coreml.mil_interp import Interpreter
+            from edgeprefill.converters.coreml.verify import empty_states
 
             prog = program if program is not None else load_program(self.path)
             self.interp = Interpreter(prog)

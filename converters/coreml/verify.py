@@ -87,8 +87,8 @@ def verify_package(path, mirror, predictor=None, aux=None, chunk=64, prompt_ids=
     exact tail of `tail` tokens)."""
     import torch
 
-    from converters.coreml.export import load_program
-    from converters.coreml.mil_interp import Interpreter
+    from edgeprefill.converters.coreml.export import load_program
+    from edgeprefill.converters.coreml.mil_interp import Interpreter
 
     prog = load_program(path)
     run = Interpreter(prog)
@@ -118,7 +118,7 @@ def verify_package(path, mirror, predictor=None, aux=None, chunk=64, prompt_ids=
 def verify_kvp(path, prog, mirror, predictor, aux, chunk, ids, tail, context):
     """The package's KV Prediction of `ids` with an exact tail (PackageRunner.kvp_prefill, in
     the interpreter) against the mirror's KVPrediction; compare()'s fields and 'argmax'."""
-    from converters.coreml.run import PackageRunner
+    from edgeprefill.converters.coreml.run import PackageRunner
     from edgeprefill.mirror.prefill.kv_prediction import KVPrediction
 
     strat = KVPrediction(mirror, aux, predictor, chunk_size=chunk, tail=tail)

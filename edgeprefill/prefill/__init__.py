@@ -54,5 +54,46 @@ def make_strategy(name, model, **options):
     return STRATEGIES[name](model, **options)
 
 
-__all__ = ["PrefillStats", "PromptCache", "FullPrefill", "AuxOnly", "KVPrediction",
+PARALLEL_STRATEGIES = ("runahead", "tsp", "runahead-kvp")  # prefill on worker processes
+KVP_STRATEGIES = ("kvp", "aux-only", "runahead-kvp")  # take a KV Prediction pair
+
+
+def check_kvp_tail(tail):
+    """Refuse a kvp tail that is not an integer >= 1 (None: the pair's card decides)."""
+    if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 1):
+        raise EdgeprefillError(f"--kvp-tail must be >= 1 (got {tail!r}): pass a whole number "
+                               "of tokens")
+
+
+def pair_options(lm, name, kvp=None, kvp_tail=None, say=None):
+    """make_strategy options that pick a kvp pair: `kvp` (a pair folder; default: the model's
+    pair, installed on first use for the bundled model) and `kvp_tail` (the base's exact tail;
+    default: the pair's card). Empty for strategies that take no pair."""
+    if name not in KVP_STRATEGIES:
+        return {}
+    from edgeprefill.kvp.pairs import ensure_default_pair
+
+    check_kvp_tail(kvp_tail)
+    opts = {"tail": kvp_tail} if kvp_tail is not None and name != "aux-only" else {}
+    return {"artifact": kvp or ensure_default_pair(lm, say=say), **opts}
+
+
+def strategy_for(lm, name="full", kvp=None, kvp_tail=None, say=None, **options):
+    """The named strategy (the CLI's names) over a loaded model: see make_strategy and
+    pair_options. The worker-process strategies are refused here (their launcher is the CLI's).
+
+    Args:
+        lm: edgeprefill.loading.LoadedModel.
+        name: full, kvp, aux-only, lazy[-<schedule>|-K1:K2:K3], runahead-streams.
+    """
+    if not isinstance(name, str):
+        raise EdgeprefillError(f"strategy must be a name like 'kvp' (got {type(name).__name__})")
+    if name in PARALLEL_STRATEGIES:
+        raise EdgeprefillError(
+            f"strategy '{name}' prefills on worker processes and runs from the command line "
+            f"only: use `edgeprefill generate --strategy {name}`, or 'runahead-streams' here")
+    return make_strategy(name, lm.model, **pair_options(lm, name, kvp, kvp_tail, say), **options)
+
+
+__all__ = ["PARALLEL_STRATEGIES", "pair_options", "strategy_for", "PrefillStats", "PromptCache", "FullPrefill", "AuxOnly", "KVPrediction",
            "LazyPrefill", "SCHEDULES", "STRATEGIES", "StreamRunahead", "make_strategy"]

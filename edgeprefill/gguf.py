@@ -1,9 +1,10 @@
-"""Convert a GGUF file (llama, qwen2, qwen3) into a Hugging Face model folder.
+"""Read a GGUF file (llama, qwen2, qwen3) into a Hugging Face model folder.
 
 The folder holds config.json, model.safetensors (dequantized fp32 weights in HF names and
 layout) and the tokenizer files, so mlx-lm's loader (and the torch mirror) read it like any
 HF checkpoint. llama.cpp stores llama's Q and K weights row-permuted for its own RoPE kernel;
-they are un-permuted here.
+they are un-permuted here. The tokenizer is rebuilt from the GGUF metadata with the
+`tokenizers` library alone (no transformers GGUF reader, which needs torch).
 """
 
 import json
@@ -69,7 +70,7 @@ def _field(reader, key, default=None):
     return f.contents()
 
 
-def read_config(reader):
+def gguf_config(reader):
     """HF config dict from GGUF metadata."""
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
@@ -165,22 +166,102 @@ def convert_gguf(gguf_path, out_dir, progress=None):
             f"cannot read GGUF file {gguf_path} ({type(e).__name__}: {e}): the file is corrupted "
             "or not GGUF; re-download it"
         ) from None
-    config = read_config(reader)
+    config = gguf_config(reader)
     with atomic_folder(out_dir) as tmp:
         say("dequantizing weights")
         save_file(read_weights(reader, config), str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         say("building tokenizer")
-        _write_tokenizer(gguf_path, tmp)
+        write_tokenizer(reader, tmp, config)
         (tmp / "edgeprefill_source.json").write_text(
             json.dumps({"converted_from": gguf_path.name, "size": gguf_path.stat().st_size})
         )
     return out_dir
 
 
-def _write_tokenizer(gguf_path, out_dir):
-    """Save the GGUF's tokenizer (vocab, merges, chat template) as HF tokenizer files."""
-    from transformers import AutoTokenizer
+# llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) -> the split regex it applies before
+# byte-level BPE; None: GPT-2's own regex (ByteLevel's built-in one).
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
+_SPLIT_PATTERNS = {
+    "default": None,
+    "gpt2": None,
+    "smollm": None,  # plus one token per digit (below)
+    "llama-bpe": _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+_SPLIT_PATTERNS["llama3"] = _SPLIT_PATTERNS["llama-bpe"]
+_CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values of special tokens
 
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tok.save_pretrained(str(out_dir))
+
+def build_tokenizer(reader):
+    """A `tokenizers.Tokenizer` equal to the GGUF's byte-level BPE tokenizer.
+
+    Args:
+        reader: a gguf.GGUFReader.
+    Returns:
+        (tokenizer, special): the Tokenizer and {"bos_token": str, ...} of the special tokens
+        the metadata names.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise EdgeprefillError(
+            f"GGUF tokenizer '{kind}' is not supported (edgeprefill reads byte-level BPE, "
+            "'gpt2'): load the model's HF or mlx-community folder instead")
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    if pre not in _SPLIT_PATTERNS:
+        raise EdgeprefillError(
+            f"GGUF pre-tokenizer '{pre}' is not supported (known: "
+            f"{', '.join(sorted(_SPLIT_PATTERNS))}): load the model's HF or mlx-community folder "
+            "instead")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    merges = _field(reader, "tokenizer.ggml.merges")
+    if not tokens or not merges:
+        raise EdgeprefillError("GGUF file has no tokenizer.ggml.tokens or merges: it carries no "
+                               "tokenizer; load the model's HF folder instead")
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    bpe = models.BPE(vocab, [tuple(m.split(" ", 1)) for m in merges], fuse_unk=False,
+                     byte_fallback=False)
+    tok = Tokenizer(bpe)
+    pattern = _SPLIT_PATTERNS[pre]
+    if pattern is None:
+        steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        if pre == "smollm":
+            steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    else:
+        steps = [pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    tok.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == _CONTROL])
+    tok.add_tokens([AddedToken(t, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+    special = {}
+    for key, name in (("bos", "bos_token"), ("eos", "eos_token"), ("unknown", "unk_token"),
+                      ("padding", "pad_token")):
+        i = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        if i is not None and 0 <= int(i) < len(tokens):
+            special[name] = tokens[int(i)]
+    if _field(reader, "tokenizer.ggml.add_bos_token", False) and "bos_token" in special:
+        bos = special["bos_token"]
+        tok.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                special_tokens=[(bos, vocab[bos])])
+    return tok, special
+
+
+def write_tokenizer(reader, out_dir, config):
+    """Write tokenizer.json and tokenizer_config.json (chat template included) to `out_dir`."""
+    tok, special = build_tokenizer(reader)
+    tok.save(str(Path(out_dir) / "tokenizer.json"))
+    tc = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+          "model_max_length": config["max_position_embeddings"], **special}
+    template = _field(reader, "tokenizer.chat_template")
+    if template:
+        tc["chat_template"] = template
+    (Path(out_dir) / "tokenizer_config.json").write_text(json.dumps(tc, indent=2))

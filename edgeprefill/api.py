@@ -1,0 +1,249 @@
+"""The public Python API, in mlx-lm's shape: load, generate, stream_generate, prefill.
+
+Strategy names and options are the CLI's: `strategy="kvp"` (with `kvp=FOLDER`,
+`kvp_tail=T`), `"lazy"`, `"lazy-aggressive"`, `"lazy-0.8:0.6:0.5"`, `"aux-only"`,
+`"runahead-streams"`, `"full"`; any other keyword goes to the strategy (e.g. `chunk_size`).
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mlx.core as mx
+
+from edgeprefill import generate as _gen
+from edgeprefill import loading
+from edgeprefill.errors import EdgeprefillError
+from edgeprefill.prefill import strategy_for
+from edgeprefill.prefill.base import PrefillStats
+from edgeprefill.prefill.lazy import LazyCache
+
+
+def load(path_or_hf_repo="default", dtype="auto"):
+    """Load a model: 'default' (SmolLM2-135M-Instruct), an HF folder, a .gguf file or a hub id.
+
+    Args:
+        path_or_hf_repo: what to load (see edgeprefill.loading.resolve_model_path).
+        dtype: 'auto' (float32 on a CPU, as stored on a GPU), 'float32', 'float16',
+            'bfloat16'.
+    Returns:
+        LoadedModel: `.tokenizer` (mlx-lm's TokenizerWrapper), `.mlx_model` (the mlx-lm model,
+        for mlx_lm.generate), `.model` (edgeprefill's per-layer view), `.config`.
+    """
+    return loading.load(path_or_hf_repo, dtype=dtype)
+
+
+@dataclass
+class GenerationResponse:
+    """One streamed step, with mlx-lm's field names plus the prefill's.
+
+    text: the new text (may be empty while a character is incomplete).
+    token: the token id (None on the last response when it only flushes text).
+    prompt_tokens, prompt_tps: prompt length and prefill speed (tokens/s).
+    ttft_s: seconds from the call to the first token's logits (the prefill).
+    generation_tokens, generation_tps: tokens so far and decode speed after the first.
+    peak_memory: peak MLX memory in GB.
+    strategy: the prefill strategy's name.
+    finish_reason: None until the last response: 'stop' (an end token), 'length'
+        (max_tokens) or 'context' (the model's window is full).
+    stats: on the last response, every prefill and decode figure as a dict.
+    """
+
+    text: str
+    token: Optional[int]
+    prompt_tokens: int
+    prompt_tps: float
+    ttft_s: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    strategy: str
+    finish_reason: Optional[str] = None
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class PrefillResult:
+    """What `prefill` returns.
+
+    cache: per-layer caches holding the prompt, usable as mlx-lm's `prompt_cache`.
+    logits: (V,) float32 logits of the first output token.
+    stats: PrefillStats (ttft_s, prompt_tokens, ...).
+    """
+
+    cache: list
+    logits: mx.array
+    stats: PrefillStats
+
+
+def _loaded(model):
+    if not isinstance(model, loading.LoadedModel):
+        raise EdgeprefillError(f"expected a model from edgeprefill.load(), got "
+                               f"{type(model).__name__}: load it with edgeprefill.load(...)")
+    return model
+
+
+def _token_ids(model, prompt, system=None, chat_template=True):
+    """Token ids of a prompt: a str goes through the chat template (as the CLI does); a list
+    (or array) of ints is used as given."""
+    if isinstance(prompt, str):
+        return _gen.build_prompt(model.tokenizer, prompt, system=system,
+                                 chat_template=chat_template)
+    try:
+        ids = [int(t) for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
+    except (TypeError, ValueError):
+        raise EdgeprefillError("prompt must be a str or a list of token ids") from None
+    if not ids:
+        raise EdgeprefillError("the prompt has no tokens: pass text or a non-empty id list")
+    bad = next((t for t in ids if not 0 <= t < model.model.vocab_size), None)
+    if bad is not None:
+        raise EdgeprefillError(f"token id {bad} is outside the model's vocabulary "
+                               f"(0..{model.model.vocab_size - 1}): tokenize with model.tokenizer")
+    return ids
+
+
+def _strategy(model, strategy, kvp, kvp_tail, options):
+    if hasattr(strategy, "prefill"):  # an already built strategy object
+        return strategy
+    return strategy_for(model, strategy, kvp=kvp, kvp_tail=kvp_tail, **options)
+
+
+def stream_generate(model, prompt, strategy="full", max_tokens=256, temp=0.0, top_p=1.0,
+                    seed=None, system=None, chat_template=True, kvp=None, kvp_tail=None,
+                    **strategy_options):
+    """Prefill `prompt` with `strategy`, then stream the answer.
+
+    Args:
+        model: from `load`.
+        prompt: text (through the chat template unless chat_template=False) or token ids.
+        strategy: a strategy name (the CLI's) or a built strategy object.
+        max_tokens, temp, top_p, seed: decoding, as mlx-lm's (temp 0: greedy).
+        system: optional system message for a text prompt.
+        kvp, kvp_tail: the KV Prediction pair folder and exact tail (kvp strategies).
+    Yields:
+        GenerationResponse per token; the last has finish_reason and stats set.
+    """
+    model = _loaded(model)
+    ids = _token_ids(model, prompt, system, chat_template)
+    _gen.check_sampling(max_tokens, temp, top_p)
+    strat = _strategy(model, strategy, kvp, kvp_tail, strategy_options)
+    n, t_first = 0, None
+    for event in _gen.stream_generate(model.model, model.tokenizer, ids, strat,
+                                      max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed):
+        p = event.prefill
+        if event.token is not None:
+            n += 1
+            t_first = t_first or time.perf_counter()
+        elapsed = time.perf_counter() - t_first if t_first else 0.0
+        done = event.result is not None
+        yield GenerationResponse(
+            text=event.text, token=event.token, prompt_tokens=p.prompt_tokens,
+            prompt_tps=p.prefill_tok_s, ttft_s=p.ttft_s, generation_tokens=n,
+            generation_tps=(n - 1) / elapsed if n > 1 and elapsed > 0 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9, strategy=p.strategy,
+            finish_reason=({"eos": "stop"}.get(event.result.finish_reason,
+                                               event.result.finish_reason) if done else None),
+            stats=event.result.stats() if done else {})
+
+
+def generate(model, prompt, strategy="full", verbose=False, **kwargs):
+    """Generate a complete answer: `stream_generate`'s arguments; returns the text.
+
+    verbose: print the text as it comes, then the TTFT and speeds.
+    """
+    text, last = "", None
+    for r in stream_generate(model, prompt, strategy=strategy, **kwargs):
+        text += r.text
+        last = r
+        if verbose:
+            print(r.text, end="", flush=True)
+    if verbose:
+        print()
+        print(f"strategy {last.strategy} | prompt {last.prompt_tokens} tok | TTFT "
+              f"{last.ttft_s * 1000:.0f} ms | prefill {last.prompt_tps:.1f} tok/s | generation "
+              f"{last.generation_tokens} tok, {last.generation_tps:.1f} tok/s | peak memory "
+              f"{last.peak_memory:.2f} GB")
+    return text
+
+
+class PositionedKVCache:
+    """An mlx-lm cache for a layer whose stored keys skip positions (LazyLLM's pruned layers).
+
+    mlx-lm's attention rotates a new token by `cache.offset`; here that is the token's true
+    position, while the keys and values stay the inner cache's (fewer than the position).
+
+    Args:
+        inner: the layer's mlx-lm KVCache (rotated keys at their own positions).
+        next_pos: position of the next token.
+    """
+
+    def __init__(self, inner, next_pos):
+        self.inner = inner
+        self.offset = next_pos
+
+    def update_and_fetch(self, keys, values):
+        """Append (B, Hkv, L, hd) keys/values; return every stored key and value."""
+        self.offset += keys.shape[2]
+        return self.inner.update_and_fetch(keys, values)
+
+    def make_mask(self, n, return_array=False, window_size=None):
+        from mlx_lm.models.cache import create_attention_mask
+
+        return create_attention_mask(n, offset=self.inner.offset, return_array=return_array,
+                                     window_size=window_size)
+
+    def is_trimmable(self):
+        return False
+
+    def empty(self):
+        return self.inner.empty()
+
+    @property
+    def nbytes(self):
+        return self.inner.nbytes
+
+    @property
+    def state(self):
+        return self.inner.state
+
+
+def mlx_lm_cache(cache):
+    """The per-layer caches of a strategy's prefill as mlx-lm's prompt_cache.
+
+    full, kvp and runahead-streams caches are mlx-lm KVCaches already; a lazy cache's pruned
+    layers are wrapped so new tokens get their true positions (mlx-lm then decodes over the
+    pruned layers as they are: it does not revive pruned tokens as edgeprefill's lazy decoding
+    does).
+    """
+    if isinstance(cache, LazyCache):
+        return [PositionedKVCache(c, cache.next_pos) for c in cache]
+    return list(cache)
+
+
+def prefill(model, tokens, strategy="full", kvp=None, kvp_tail=None, **strategy_options):
+    """Prefill token ids with `strategy`; the cache continues in mlx-lm.
+
+    Args:
+        model: from `load`.
+        tokens: token ids (a list or array; text is tokenized as is, without a chat template).
+        strategy, kvp, kvp_tail: as in `stream_generate`.
+    Returns:
+        PrefillResult. With mlx-lm, prefill all but the last token and let mlx-lm run that one:
+
+            r = edgeprefill.prefill(model, ids[:-1], strategy="kvp")
+            text = mlx_lm.generate(model.mlx_model, model.tokenizer, ids[-1:],
+                                   prompt_cache=r.cache)
+    """
+    model = _loaded(model)
+    ids = _token_ids(model, tokens, chat_template=False)
+    strat = _strategy(model, strategy, kvp, kvp_tail, strategy_options)
+    if getattr(strat, "name", None) == "aux-only":
+        raise EdgeprefillError("aux-only decodes with its aux model, so its cache does not fit "
+                               "the base: use edgeprefill.generate(..., strategy='aux-only')")
+    _gen.check_context(len(ids), model.model.max_context)
+    cache, logits, stats = strat.prefill(ids)
+    return PrefillResult(mlx_lm_cache(cache), logits, stats)
+
+
+__all__ = ["load", "generate", "stream_generate", "prefill", "GenerationResponse",
+           "PrefillResult", "EdgeprefillError"]

@@ -1,0 +1,1 @@
+"""KV Prediction: aux models, layer maps, the predictor, ridge fit, gradient training, artifacts."""
