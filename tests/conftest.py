@@ -6,6 +6,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import edgeprefill  # noqa: E402,F401  before mlx: the tests run on OpenBLAS as users do
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
 FAMILIES = ("llama", "qwen2", "qwen3")

@@ -12,7 +12,7 @@ def llama_cpp_permute(w, n_heads):
     return w.reshape(n_heads, 2, shape[0] // n_heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def write_tiny_gguf(hf_folder, out_path, quantize=True):
+def write_tiny_gguf(hf_folder, out_path, quantize=True, pre="default", tokenizer_model="gpt2"):
     import gguf
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize as gquant
@@ -32,8 +32,8 @@ def write_tiny_gguf(hf_folder, out_path, quantize=True):
     w.add_rope_freq_base(cfg["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_pre(pre)
     w.add_token_list([t for t, _ in vocab])
     w.add_token_types([3 if t.startswith("<|") else 1 for t, _ in vocab])
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
