@@ -80,7 +80,8 @@ class Session:
 
             self.console.print(f"[dim]starting {self.args.workers} runahead workers ...[/dim]")
             t0 = time.perf_counter()
-            new = PooledRunahead(self.lm, self.args.workers)
+            new = PooledRunahead(self.lm, self.args.workers, say=lambda msg: self.console.print(
+                f"[yellow]{msg}[/yellow]", highlight=False))
             self.console.print(f"[dim]runahead workers ready ({time.perf_counter() - t0:.1f} s; "
                                "the first prompt of a conversation runs on them)[/dim]")
         else:
@@ -203,15 +204,25 @@ class Session:
                 for i, c in enumerate(layers):
                     k, v = c.keys_and_values()
                     arrays[f"{name}.{i}.keys"], arrays[f"{name}.{i}.values"] = k, v
-        path = Path(path)
+        path = Path(path).expanduser()
+        if path.is_dir():
+            raise EdgeprefillError(f"cannot save the chat to {path}: it is a folder; give a file "
+                                   "name (the conversation is kept)")
+        if not path.parent.is_dir():
+            raise EdgeprefillError(f"cannot save the chat to {path}: folder {path.parent} does "
+                                   "not exist; create it or pick another (the conversation is "
+                                   "kept)")
         tmp = path.with_name(f".{path.name}.tmp.safetensors")
         try:
             mx.save_safetensors(str(tmp), arrays or {"empty": mx.zeros((1,))},
                                 metadata={"edgeprefill": json.dumps(meta)})
             os.replace(tmp, path)
+        except (OSError, RuntimeError, ValueError) as e:
+            reason = getattr(e, "strerror", None) or str(e).splitlines()[0][:120]
+            raise EdgeprefillError(f"cannot save the chat to {path} ({reason}): pick a writable "
+                                   "file (the conversation is kept)") from None
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            tmp.unlink(missing_ok=True)
         return len(arrays) > 0
 
     def load(self, path):
@@ -230,9 +241,11 @@ class Session:
         except Exception:
             raise EdgeprefillError(f"{path} is not a saved edgeprefill chat: give a file "
                                    "written by /save") from None
-        if meta.get("format") != SAVE_FORMAT:
-            raise EdgeprefillError(f"{path} has format {meta.get('format')!r}, expected "
-                                   f"{SAVE_FORMAT!r}")
+        if not isinstance(meta, dict) or meta.get("format") != SAVE_FORMAT:
+            raise EdgeprefillError(f"{path} has format "
+                                   f"{meta.get('format') if isinstance(meta, dict) else meta!r}, "
+                                   f"expected {SAVE_FORMAT!r}: give a file written by /save")
+        check_saved_chat(path, meta, arrays, self.lm.model)
         if meta["config_hash"] != config_hash(self.lm.model):
             raise EdgeprefillError(f"{path} was saved with model {meta['model']}: start chat "
                                    "with that model to load it")
@@ -256,6 +269,39 @@ class Session:
             cache.aux = aux or None
             self.cache = cache
         return meta
+
+
+def check_saved_chat(path, meta, arrays, model):
+    """Refuse a /save file whose fields or cache arrays do not fit together (one line naming
+    the field), so a wrong file never gives a wrong reply."""
+    def bad(field, expected):
+        raise EdgeprefillError(f"{path}: field '{field}' is not {expected}: give a file written "
+                               "by /save")
+
+    if not isinstance(meta.get("config_hash"), str):
+        bad("config_hash", "a string")
+    if not isinstance(meta.get("strategy"), str):
+        bad("strategy", "a strategy name")
+    if meta.get("system") is not None and not isinstance(meta["system"], str):
+        bad("system", "text or null")
+    msgs = meta.get("messages")
+    if not isinstance(msgs, list) or not all(
+            isinstance(m, dict) and m.get("role") in ("user", "assistant")
+            and isinstance(m.get("content"), str) for m in msgs):
+        bad("messages", "a list of {role: user|assistant, content: text}")
+    if "tokens" not in meta:
+        return
+    tokens = meta["tokens"]
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and 0 <= t < model.vocab_size
+                                               for t in tokens):
+        bad("tokens", "a list of token ids of this model")
+    for i in range(model.n_layers):
+        k, v = arrays.get(f"base.{i}.keys"), arrays.get(f"base.{i}.values")
+        want = (1, model.n_kv_heads, len(tokens), model.head_dim)
+        if k is None or v is None or tuple(k.shape) != want or tuple(v.shape) != want:
+            bad(f"base.{i}", f"a cache of {len(tokens)} tokens for this model")
+    if f"base.{model.n_layers}.keys" in arrays:
+        bad(f"base.{model.n_layers}", "absent (the model has fewer layers)")
 
 
 def read_message(prompt="> "):
@@ -374,6 +420,11 @@ def interact(session, console, one_shot_text=None):
             return 0
         except KeyboardInterrupt:
             sys.stdout.write("\n")
+            continue
+        except UnicodeDecodeError as e:
+            console.print(f"[red]error:[/red] that message is not valid UTF-8 (byte "
+                          f"{e.object[e.start:e.start + 1].hex()} at {e.start}): type or paste "
+                          "UTF-8 text", highlight=False)
             continue
         if not text.strip():
             continue

@@ -3,6 +3,7 @@ Neural Engine, built from the torch mirror; `--verify` runs the package's MIL pr
 numpy interpreter against the mirror (works on Linux, where Core ML cannot run)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,18 @@ def check_out(out, force):
                                "first")
     if out.exists() and not force:
         raise EdgeprefillError(f"--out {out} exists: pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise EdgeprefillError(f"--out {out} is a file, not a package folder: remove it or pick "
+                               "another name (--force replaces packages only)")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise EdgeprefillError(f"--out {out}: folder {out.parent} is not writable: pick another")
+    import tempfile
+
+    try:  # the package is written beside its final place, then renamed: try that first
+        tempfile.TemporaryDirectory(dir=out.parent).cleanup()
+    except OSError as e:
+        raise EdgeprefillError(f"--out {out}: cannot write in {out.parent} ({e.strerror}): "
+                               "pick another folder") from None
     return out
 
 

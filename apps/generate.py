@@ -61,12 +61,14 @@ def add_parser(sub):
 
 
 def read_prompt(value):
-    """The --prompt value, or stdin for '-'."""
+    """The --prompt value, or stdin for '-' (either must be UTF-8)."""
+    from edgeprefill.fsio import check_utf8, decode_utf8
+
     if value == "-":
         if sys.stdin is None or sys.stdin.isatty():
             raise EdgeprefillError("--prompt - reads stdin, but nothing is piped: pipe the prompt in")
-        return sys.stdin.read()
-    return value
+        return decode_utf8(sys.stdin.buffer.read(), "the prompt on stdin")
+    return check_utf8(value, "--prompt")
 
 
 def validate_sampling(args):
@@ -131,7 +133,9 @@ def run(args):
 def run_parallel(args, lm, ids, err):
     """runahead / tsp / runahead-kvp: the workers prefill (and the last one decodes greedily); print the text."""
     from edgeprefill.apps.runahead import run_prefill
+    from edgeprefill.generate import check_context
 
+    check_context(len(ids), lm.model.max_context)
     opts = strategy_options(args, lm)
     if args.temp > 0:
         raise EdgeprefillError(f"--strategy {args.strategy} decodes greedily on the last worker: "

@@ -18,6 +18,7 @@ TABLE_NAME = "runahead-partitions.json"
 # Workers run the installed package in isolated mode (-I): a folder of the user's that holds
 # its own apps/ or edgeprefill/ cannot stand in for it.
 WORKER = (sys.executable, "-I", "-m", "edgeprefill.apps.cli", "runahead", "worker")
+PARENT_ENV = "EDGEPREFILL_PARENT_PID"  # set for local workers: the process that started them
 RANDOM_PAIR = "random:T-0.50"  # runahead-kvp's artifact for random-weight shapes (speed only)
 
 
@@ -132,6 +133,31 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def local_worker_limit(lm):
+    """How many local workers this machine holds: each is a process with its own copy of the
+    weights (plus about 0.5 GiB of runtime), within the memory available now and 8 per core."""
+    from mlx.utils import tree_flatten
+
+    weights = sum(v.nbytes for _, v in tree_flatten(lm.model.model.parameters()))
+    per_worker = weights + 2**29
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f
+                         if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, min(8 * (os.cpu_count() or 1), avail // per_worker))
+
+
+def check_local_workers(n, lm):
+    """Refuse a local worker count below 1 or above local_worker_limit, naming the limit."""
+    limit = local_worker_limit(lm)
+    if not 1 <= n <= limit:
+        raise EdgeprefillError(f"--workers {n}: this machine holds 1 to {limit} local workers of "
+                               f"this model (memory available, 8 per core); pass fewer, or "
+                               "--hostfile to spread them over machines")
+
+
 def launch(n_workers, worker_args, timeout=120, hostfile=None, backend="auto"):
     """Run `edgeprefill runahead worker` on n_workers ranks: over machines through mlx.launch
     (`hostfile`), else as local processes started here with the environment mlx.launch gives
@@ -158,7 +184,8 @@ def launch(n_workers, worker_args, timeout=120, hostfile=None, backend="auto"):
 
 def start_local(n_workers, worker, backend, tmp, output=subprocess.PIPE):
     """Start the local ranks of `worker` (a command) with mx.distributed's environment."""
-    env = dict(os.environ, NCCL_NVLS_ENABLE="0", MLX_WORLD_SIZE=str(n_workers))
+    env = dict(os.environ, NCCL_NVLS_ENABLE="0", MLX_WORLD_SIZE=str(n_workers),
+               **{PARENT_ENV: str(os.getpid())})
     if backend == "ring":
         ring = Path(tmp) / "ring.json"
         ring.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(n_workers)])
@@ -193,8 +220,26 @@ def gpu_count():
         return 1
 
 
+def last_lines(text, n=3, width=300):
+    """The last `n` non-empty lines of a worker's output on one line (for an error message)."""
+    lines = [x.strip() for x in text.splitlines() if x.strip()][-n:]
+    return " | ".join(lines)[-width:]
+
+
 def _wait(procs, timeout):
-    """Wait for every process; on a failure or the timeout kill them all and raise."""
+    """Wait for every process; on a failure, the timeout or an interrupt kill them all."""
+    try:
+        return _wait_all(procs, timeout)
+    except BaseException:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        raise
+
+
+def _wait_all(procs, timeout):
     import threading
     import time
 
@@ -233,11 +278,10 @@ def _wait(procs, timeout):
     bad = failed or [r for r, p in enumerate(procs) if p.returncode != 0]
     if bad or died:
         rank, code = (bad[0], procs[bad[0]].returncode) if bad else ("?", "?")
-        last = died[:1] or [x for x in err.strip().splitlines() if x.strip()][-1:] or [
-            f"exit code {code}"]
-        where = f"rank {rank} " if len(procs) > 1 else ""
-        raise EdgeprefillError(f"a runahead worker failed ({where}{last[0][:200]}): see the "
-                               "worker output above or run with fewer --workers")
+        where = f"rank {rank}, " if len(procs) > 1 else ""
+        raise EdgeprefillError(f"a runahead worker failed ({where}exit code {code}; its last "
+                               f"output: {last_lines(err) or 'none'}): run with fewer --workers "
+                               "or another strategy")
     return out, err
 
 
@@ -252,6 +296,8 @@ def run_jobs(lm, jobs, n_workers, timeout=300, hostfile=None, dtype="auto", back
     Returns:
         the last rank's results: {"results": [one dict per job], "link": [...]}.
     """
+    if not hostfile:
+        check_local_workers(n_workers, lm)
     with tempfile.TemporaryDirectory() as tmp:
         jobs_file, out_file = Path(tmp) / "jobs.json", Path(tmp) / "out.json"
         jobs_file.write_text(json.dumps({"jobs": jobs, "link": link}))
@@ -437,12 +483,43 @@ def run_job(lm, group, job, index, handoff):
     return result, cache, logits
 
 
+def exit_with_parent():
+    """End this worker when the process that started it is gone (Ctrl-C, an error, SIGTERM or
+    SIGKILL there): on Linux the kernel sends SIGKILL at its death (PR_SET_PDEATHSIG); everywhere
+    a daemon thread checks twice a second that the worker was not re-parented."""
+    import threading
+    import time
+
+    parent = int(os.environ.get(PARENT_ENV) or 0)
+    if not parent:
+        return
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent:
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def run_worker(args):
     import mlx.core as mx
 
     from edgeprefill.fsio import atomic_write_text
     from edgeprefill.loading import load
 
+    exit_with_parent()
+    if os.environ.get("EDGEPREFILL_TEST_HANG_RANK") == os.environ.get("MLX_RANK", "-"):
+        import time
+
+        time.sleep(600)  # test hook: a rank that never answers (its parent must end it)
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     group = mx.distributed.init(backend=args.backend, strict=True)
     if args.die_rank is not None and group.rank() == args.die_rank:
@@ -518,6 +595,7 @@ class RunaheadPool:
 
         if workers < 1:
             raise EdgeprefillError("--workers must be >= 1")
+        check_local_workers(workers, lm)
         self.lm, self.workers, self.k = lm, workers, 0
         shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
         self.dir = Path(tempfile.mkdtemp(prefix="edgeprefill-runahead-", dir=shm))
@@ -540,6 +618,9 @@ class RunaheadPool:
             if (error_file and error_file.is_file()) or dead or time.monotonic() > deadline:
                 why = error_file.read_text() if error_file and error_file.is_file() else (
                     f"rank {dead[0]} exited" if dead else f"{what} within {timeout:.0f} s")
+                self.log.flush()
+                log = (self.dir / "workers.log").read_text(errors="replace")
+                why += f"; last worker output: {last_lines(log) or 'none'}"
                 self.close()
                 raise EdgeprefillError(f"runahead workers failed ({why}): switch strategy "
                                        "(/strategy full) or restart with fewer --workers")
@@ -589,12 +670,33 @@ class PooledRunahead:
 
     name = "runahead"
 
-    def __init__(self, lm, workers=2, backend="auto"):
+    def __init__(self, lm, workers=2, backend="auto", say=None):
         from edgeprefill.prefill import FullPrefill
 
-        self.lm = lm
+        self.lm, self.workers, self.backend = lm, workers, backend
+        self.say = say or (lambda msg: print(f"edgeprefill: {msg}", file=sys.stderr))
         self.pool = RunaheadPool(lm, workers, backend)
         self.local = FullPrefill(lm.model)
+
+    def _pool_or_none(self):
+        """The pool, restarted (once, said in one line) if a worker has died since the last
+        prompt; None if it cannot be restarted."""
+        if self.pool.procs and all(p.poll() is None for p in self.pool.procs):
+            return self.pool
+        self.pool.close()
+        try:
+            self.pool = RunaheadPool(self.lm, self.workers, self.backend)
+        except EdgeprefillError as e:
+            self.say(f"runahead workers could not be restarted ({e})")
+            return None
+        self.say("a runahead worker had died: restarted the workers")
+        return self.pool
+
+    def _fallback(self, prompt_ids, cache, progress, why):
+        self.say(f"{why}: this turn is prefilled with full")
+        cache, logits, stats = self.local.prefill(prompt_ids, cache, progress)
+        stats.extra["runahead"] = f"fell back to full ({why})"
+        return cache, logits, stats
 
     def prefill(self, prompt_ids, cache=None, progress=None):
         import time
@@ -610,7 +712,12 @@ class PooledRunahead:
             return cache, logits, stats
         start = time.perf_counter()
         ids = [int(x) for x in prompt_ids]
-        arrays, result = self.pool.run(ids)
+        if self._pool_or_none() is None:
+            return self._fallback(prompt_ids, cache, progress, "no runahead workers")
+        try:
+            arrays, result = self.pool.run(ids)
+        except EdgeprefillError as e:  # a worker died mid-prompt: the pool is closed
+            return self._fallback(prompt_ids, cache, progress, str(e).split(":")[0])
         layers = []
         for i in range(self.lm.model.n_layers):
             c = KVCache()

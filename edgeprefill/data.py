@@ -280,8 +280,10 @@ def read_pairs(path):
     if not path.is_file():
         raise EdgeprefillError(f"evaluation data {path} does not exist: pass a JSONL file of "
                                '{"prompt": ..., "continuation": ...} lines')
+    from edgeprefill.fsio import decode_utf8
+
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(decode_utf8(path.read_bytes(), str(path)).splitlines(), 1):
         if not line.strip():
             continue
         try:

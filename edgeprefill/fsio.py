@@ -49,3 +49,28 @@ def atomic_save_npy(path, array):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         np.save(tmp, array)
+
+
+def decode_utf8(data, what):
+    """`data` (bytes) as text; a one-line error naming `what` and the first bad byte if it is
+    not UTF-8."""
+    from edgeprefill.errors import EdgeprefillError
+
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgeprefillError(f"{what} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset "
+                               f"{e.start}): convert it to UTF-8, e.g. with iconv -t UTF-8") from None
+
+
+def check_utf8(text, what):
+    """Refuse a str that holds undecodable bytes (Python keeps a command-line argument's bad
+    bytes as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        from edgeprefill.errors import EdgeprefillError
+
+        raise EdgeprefillError(f"{what} is not valid UTF-8 (at character {e.start}): convert it "
+                               "to UTF-8, e.g. with iconv -t UTF-8") from None
+    return text

@@ -12,6 +12,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
 from edgeprefill.errors import EdgeprefillError
+from edgeprefill.fsio import check_utf8
 from edgeprefill.prefill.base import PromptCache
 
 
@@ -29,6 +30,9 @@ def build_prompt(tokenizer, prompt, system=None, history=None, chat_template=Tru
     """
     if not prompt or not prompt.strip():
         raise EdgeprefillError("the prompt is empty: pass text with --prompt, or '-' and pipe it")
+    check_utf8(prompt, "the prompt")
+    if system:
+        check_utf8(system, "the system message")
     if chat_template and getattr(tokenizer, "chat_template", None):
         messages = ([{"role": "system", "content": system}] if system else []) + list(
             history or []) + [{"role": "user", "content": prompt}]

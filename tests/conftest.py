@@ -37,3 +37,19 @@ def cli_env(tmp_path):
     env["EDGEPREFILL_CACHE"] = str(tmp_path / "cache")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+@pytest.fixture
+def chat(tiny_models, cli_env):
+    """Spawn `edgeprefill chat` on the tiny llama in a pseudo-terminal (pexpect)."""
+    import pexpect
+
+    def spawn(*extra, env=None, preexec_fn=None):
+        child = pexpect.spawn(sys.executable, ["-m", "edgeprefill.apps.cli", "chat", "--model",
+                                               str(tiny_models["llama"]), "--max-tokens", "6",
+                                               *extra], env=env or cli_env, encoding="utf-8",
+                              timeout=120, dimensions=(40, 200), preexec_fn=preexec_fn)
+        child.expect("edgeprefill chat")
+        child.expect("> ")
+        return child
+    return spawn

@@ -10,19 +10,6 @@ import pytest
 PROMPT = "\r\n> "
 
 
-@pytest.fixture
-def chat(tiny_models, cli_env):
-    def spawn(*extra, env=None, preexec_fn=None):
-        child = pexpect.spawn(sys.executable, ["-m", "edgeprefill.apps.cli", "chat", "--model",
-                                               str(tiny_models["llama"]), "--max-tokens", "6",
-                                               *extra], env=env or cli_env, encoding="utf-8",
-                              timeout=120, dimensions=(40, 200), preexec_fn=preexec_fn)
-        child.expect("edgeprefill chat")
-        child.expect("> ")
-        return child
-    return spawn
-
-
 def _turn(child, text):
     child.sendline(text)
     child.expect(r"strategy (\S+) \| prompt (\d+) tok \| TTFT")

@@ -85,10 +85,35 @@ def read_card(path):
         card = json.loads(card_file.read_text())
     except json.JSONDecodeError as e:
         raise EdgeprefillError(f"{card_file} is not valid JSON ({e}): re-create the artifact")
+    if not isinstance(card, dict):
+        raise EdgeprefillError(f"{card_file} holds a {type(card).__name__}, not an object: "
+                               "re-create the artifact")
     if card.get("format") != FORMAT:
         raise EdgeprefillError(f"artifact field 'format' is {card.get('format')!r}, expected "
                                f"{FORMAT!r}: re-create it with this version")
+    for field, ok, what in CARD_FIELDS:
+        value = card
+        for key in field.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if not ok(value):
+            raise EdgeprefillError(f"{card_file}: field '{field}' is {value!r}, expected {what}: "
+                                   "re-create the artifact")
     return card
+
+
+def _int_list(v):
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+
+
+# Fields every card must hold: (dotted name, check, what is expected).
+CARD_FIELDS = (
+    ("base", lambda v: isinstance(v, dict), "an object"),
+    ("base.config_hash", lambda v: isinstance(v, str), "a string"),
+    ("aux", lambda v: isinstance(v, dict), "an object"),
+    ("aux.kind", lambda v: isinstance(v, str), "a string"),
+    ("aux.layers", _int_list, "a list of layer indices"),
+    ("layer_map", _int_list, "a list of aux layer indices"),
+)
 
 
 def load_artifact(path, base):
