@@ -11,6 +11,7 @@ import statistics
 import sys
 import time
 
+from edgeprefill.apps.argtypes import non_negative, positive
 from edgeprefill.apps.runahead import PARALLEL_STRATEGIES, RANDOM_PAIR
 from edgeprefill.errors import EdgeprefillError
 
@@ -39,20 +40,20 @@ def add_parser(sub):
                    "runahead, tsp, runahead-kvp, runahead-streams (mlx backend); full, kvp, "
                    "lazy (mirror backend)")
     p.add_argument("--prompt-tokens", default="128,512,1024", help="comma list of lengths")
-    p.add_argument("--trials", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--prompts", type=int, default=1, help="distinct prompts per length")
-    p.add_argument("--chunk-size", type=int, default=None, help="prefill chunk (full)")
+    p.add_argument("--trials", type=positive, default=3)
+    p.add_argument("--warmup", type=non_negative, default=1)
+    p.add_argument("--prompts", type=positive, default=1, help="distinct prompts per length")
+    p.add_argument("--chunk-size", type=positive, default=None, help="prefill chunk (full)")
     p.add_argument("--kvp", default=None, metavar="FOLDER",
                    help="KV Prediction artifact for kvp / aux-only / runahead-kvp (default: "
                    "the model's T-0.50 pair)")
     add_kvp_tail_arg(p)
-    p.add_argument("--workers", type=int, default=2,
+    p.add_argument("--workers", type=positive, default=2,
                    help="runahead / tsp / runahead-kvp: local worker processes")
     p.add_argument("--backend", default="mlx", choices=["mlx", "mirror"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="mirror backend device")
-    p.add_argument("--continuation", type=int, default=32,
+    p.add_argument("--continuation", type=positive, default=32,
                    help="tokens after each prompt scored for the NLL ratio (0: skip)")
     p.add_argument("--random-tokens", action="store_true",
                    help="random token prompts (speed only: quality columns omitted)")

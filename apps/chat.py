@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from edgeprefill.apps.argtypes import fraction, non_negative, non_negative_float, positive
 from edgeprefill.errors import EdgeprefillError
 
 HELP = """commands:
@@ -34,16 +35,16 @@ def add_parser(sub):
     p.add_argument("--strategy", default="full",
                    help="prefill strategy: full, kvp, aux-only, lazy[-<schedule>|-K1:K2:K3], "
                    "runahead (local worker processes; later turns extend the cache here)")
-    p.add_argument("--workers", type=int, default=2,
+    p.add_argument("--workers", type=positive, default=2,
                    help="runahead: local worker processes, started once for the session")
     p.add_argument("--kvp", default=None, metavar="FOLDER",
                    help="KV Prediction artifact (default: the model's default pair)")
     add_kvp_tail_arg(p)
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--temp", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=positive, default=512)
+    p.add_argument("--temp", type=non_negative_float, default=0.0)
+    p.add_argument("--top-p", type=fraction, default=1.0)
+    p.add_argument("--seed", type=non_negative, default=None)
     p.add_argument("--prompt", default=None,
                    help="one turn, non-interactive ('-' reads stdin); piped stdin works too")
     p.set_defaults(run=run)

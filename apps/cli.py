@@ -8,10 +8,18 @@ from edgeprefill.errors import EdgeprefillError
 COMMANDS = ("generate", "chat", "bench", "eval", "info", "kvp", "runahead", "export")
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block), exit status 2; its
+    subcommands' parsers are of the same class."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser():
     import importlib
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="edgeprefill", description="Short time-to-first-token for local LLMs on MLX.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:

@@ -3,6 +3,7 @@
 import json
 import sys
 
+from edgeprefill.apps.argtypes import positive
 from edgeprefill.errors import EdgeprefillError
 
 
@@ -19,8 +20,8 @@ def add_parser(sub):
     p.add_argument("--data", default=None, metavar="FILE.jsonl",
                    help='{"prompt", "continuation"} lines (default: 40 built-in held-out pairs '
                    "of code and prose, ~384-token prompts)")
-    p.add_argument("--pairs", type=int, default=40, help="most pairs to evaluate")
-    p.add_argument("--greedy-tokens", type=int, default=16,
+    p.add_argument("--pairs", type=positive, default=40, help="most pairs to evaluate")
+    p.add_argument("--greedy-tokens", type=positive, default=16,
                    help="length of the base's greedy continuation to match")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from edgeprefill.apps.argtypes import positive
 from edgeprefill.errors import EdgeprefillError
 
 
@@ -21,9 +22,9 @@ def add_parser(sub):
                    help="KV Prediction artifact (a T-<fraction> pair) for the kvp_prefill "
                    "function; 'default' = the model's default pair")
     p.add_argument("--out", required=True, help="the package to write (DIR.mlpackage)")
-    p.add_argument("--context", type=int, default=1024,
+    p.add_argument("--context", type=positive, default=1024,
                    help="KV state length in tokens (a multiple of 32)")
-    p.add_argument("--chunk", type=int, default=64, help="tokens per prefill call")
+    p.add_argument("--chunk", type=positive, default=64, help="tokens per prefill call")
     p.add_argument("--quantize", default="none", choices=QUANTIZE,
                    help="weight compression of linear/conv weights")
     p.add_argument("--layout", default="ane", choices=LAYOUTS,

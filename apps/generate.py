@@ -3,8 +3,9 @@
 import json
 import sys
 
-from edgeprefill.prefill import PARALLEL_STRATEGIES
+from edgeprefill.apps.argtypes import fraction, non_negative, non_negative_float, positive
 from edgeprefill.errors import EdgeprefillError
+from edgeprefill.prefill import PARALLEL_STRATEGIES
 
 
 def add_model_args(p):
@@ -17,7 +18,7 @@ def add_model_args(p):
 
 def add_kvp_tail_arg(p):
     """--kvp-tail, shared by the commands that run kvp."""
-    p.add_argument("--kvp-tail", type=int, default=None, metavar="T",
+    p.add_argument("--kvp-tail", type=positive, default=None, metavar="T",
                    help="kvp / runahead-kvp: the base runs the prompt's last T tokens itself, "
                    "over the predicted cache of the rest (default: the pair's card; 1 is the "
                    "paper; more costs more FLOPs and tracks the base closer)")
@@ -46,15 +47,16 @@ def add_parser(sub):
                    "model's T-0.50 artifact from `edgeprefill kvp fit`; fitted on first use "
                    "for the default model)")
     add_kvp_tail_arg(p)
-    p.add_argument("--workers", type=int, default=2,
+    p.add_argument("--workers", type=positive, default=2,
                    help="runahead / tsp / runahead-kvp: local worker processes")
     p.add_argument("--hostfile", default=None,
                    help="runahead / tsp / runahead-kvp: mlx.launch hostfile spreading workers "
                    "over machines")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=positive, default=256)
+    p.add_argument("--temp", type=non_negative_float, default=0.0,
+                   help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=fraction, default=1.0)
+    p.add_argument("--seed", type=non_negative, default=None)
     p.add_argument("--no-chat-template", action="store_true", help="encode the raw prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object (text and stats)")
     p.set_defaults(run=run)

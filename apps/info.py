@@ -4,10 +4,12 @@ import json
 import platform
 import sys
 
+from edgeprefill.apps.argtypes import positive
+
 
 def add_parser(sub):
     p = sub.add_parser("info", help="show backend, BLAS and measured matmul GFLOPS")
-    p.add_argument("--size", type=int, default=1024, help="square matmul size (default 1024)")
+    p.add_argument("--size", type=positive, default=1024, help="square matmul size (default 1024)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 

@@ -1,9 +1,9 @@
 """`edgeprefill kvp fit|sweep`: KV Prediction artifacts for a model, and the Pareto sweep."""
 
-import json
 import sys
 from pathlib import Path
 
+from edgeprefill.apps.argtypes import non_negative, positive, positive_float
 from edgeprefill.errors import EdgeprefillError
 
 from edgeprefill.kvp.pairs import (DEFAULT_AUX, build_predictor, check_rank,  # noqa: F401
@@ -11,9 +11,9 @@ from edgeprefill.kvp.pairs import (DEFAULT_AUX, build_predictor, check_rank,  # 
 
 
 def add_fit_args(p):
-    p.add_argument("--tokens", type=int, default=30000, help="fitting tokens (default 30000)")
-    p.add_argument("--chunk", type=int, default=256, help="tokens per fitting window")
-    p.add_argument("--lam", type=float, default=1e-3, help="relative ridge strength")
+    p.add_argument("--tokens", type=positive, default=30000, help="fitting tokens (default 30000)")
+    p.add_argument("--chunk", type=positive, default=256, help="tokens per fitting window")
+    p.add_argument("--lam", type=positive_float, default=1e-3, help="relative ridge strength")
     p.add_argument("--input", default="auto", choices=["auto", "kv", "hidden", "hidden-in",
                                                       "hidden2"],
                    help="predictor input: aux K/V (paper) or the aux's hidden state "
@@ -21,7 +21,7 @@ def add_fit_args(p):
 
 
 def add_rank_arg(p):
-    p.add_argument("--predictor-rank", type=int, default=None, metavar="R",
+    p.add_argument("--predictor-rank", type=positive, default=None, metavar="R",
                    help="a low-rank predictor: one shared (input -> R) map, then R -> K/V per "
                    "layer; the best rank-R approximation of the fit on the fitting text's "
                    "inputs (hidden-state inputs; fewer FLOPs, see README)")
@@ -41,7 +41,7 @@ def add_parser(sub):
                    help="KVP-C: the smaller model (same tokenizer) used as the aux")
     add_fit_args(f)
     add_rank_arg(f)
-    f.add_argument("--eval-pairs", type=int, default=16,
+    f.add_argument("--eval-pairs", type=non_negative, default=16,
                    help="held-out pairs to measure quality on for the card (0: skip)")
     f.add_argument("--out", default=None, help="artifact folder (default: the model's "
                    "artifact path in the cache, which --strategy kvp uses)")
@@ -53,7 +53,7 @@ def add_parser(sub):
                    help="comma list of aux kinds")
     s.add_argument("--data", default=None, metavar="FILE.jsonl",
                    help="held-out pairs (default: the built-in held-out set)")
-    s.add_argument("--pairs", type=int, default=24, help="most pairs to evaluate")
+    s.add_argument("--pairs", type=positive, default=24, help="most pairs to evaluate")
     add_fit_args(s)
     s.add_argument("--json", dest="json_out", default="kvp-sweep.json", metavar="FILE")
     s.add_argument("--plot", default="kvp-sweep.png", metavar="FILE.png")

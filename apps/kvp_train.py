@@ -4,6 +4,7 @@ MLX or on the torch mirror (CPU or an NVIDIA GPU), with resumable checkpoints.""
 import json
 from pathlib import Path
 
+from edgeprefill.apps.argtypes import non_negative, non_negative_float, positive, positive_float
 from edgeprefill.errors import EdgeprefillError
 
 
@@ -23,54 +24,54 @@ def add_train_parser(ksub):
     t.add_argument("--train-aux", default="auto", choices=["auto", "yes", "no"],
                    help="train copies of the aux's blocks too (auto: yes for LP, no for T, "
                    "whose aux is the base's own exact layers)")
-    t.add_argument("--train-aux-layers", type=int, default=0, metavar="K",
+    t.add_argument("--train-aux-layers", type=non_negative, default=0, metavar="K",
                    help="train copies of only the aux's last K blocks (implies --train-aux "
                    "yes; 0: all of them); with --init, K beyond the pair's trained copies "
                    "adds copies of the blocks before them")
-    t.add_argument("--aux-weight", type=float, default=1.0,
+    t.add_argument("--aux-weight", type=non_negative_float, default=1.0,
                    help="weight of the aux's own loss term (the paper: 1; 0 for an aux that "
                    "only feeds the predictor, like a truncated one)")
-    t.add_argument("--kv-weight", type=float, default=1.0,
+    t.add_argument("--kv-weight", type=non_negative_float, default=1.0,
                    help="weight of the K/V consistency term, the L1 averaged over layers "
                    "(the paper: 1)")
     t.add_argument("--self-kv", default="exact", choices=["exact", "predicted"],
                    help="what each position attends to at its own position in training: its "
                    "own exact K/V, as the prompt's last token does at inference (default), or "
                    "its predicted K/V (the paper)")
-    t.add_argument("--steps", type=int, default=200)
-    t.add_argument("--batch", type=int, default=8)
-    t.add_argument("--seq", type=int, default=256, help="tokens per training sequence")
-    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--steps", type=positive, default=200)
+    t.add_argument("--batch", type=positive, default=8)
+    t.add_argument("--seq", type=positive, default=256, help="tokens per training sequence")
+    t.add_argument("--lr", type=positive_float, default=3e-4)
     t.add_argument("--objective", default="ce", choices=["ce", "kl"],
                    help="ce: the paper's next-token CE terms; kl: distil the exact base (KL), "
                    "which cannot overfit a small corpus by fine-tuning the base onto it")
-    t.add_argument("--warmup", type=int, default=20)
-    t.add_argument("--tokens", type=int, default=300000,
+    t.add_argument("--warmup", type=non_negative, default=20)
+    t.add_argument("--tokens", type=positive, default=300000,
                    help="fitting text to sample training windows from")
     t.add_argument("--data", default="default", choices=["default", "wide", "site"],
                    help="fitting text: default (31 stdlib modules + prose), wide (every "
                    "stdlib module but the held-out ones, ~3M tokens of code) or site (wide "
                    "plus the installed packages' sources and descriptions, up to --tokens)")
-    t.add_argument("--ridge-tokens", type=int, default=30000)
-    t.add_argument("--tail", type=int, default=1,
+    t.add_argument("--ridge-tokens", type=positive, default=30000)
+    t.add_argument("--tail", type=positive, default=1,
                    help="exact tail recorded in the card: the base runs the prompt's last TAIL "
                    "tokens itself at inference")
-    t.add_argument("--train-tail", type=int, default=None, metavar="T",
+    t.add_argument("--train-tail", type=positive, default=None, metavar="T",
                    help="train for every exact tail from 1 to T (with --self-kv exact; "
                    "default: --tail, so training matches the card)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=non_negative, default=0)
     t.add_argument("--backend", default="mlx", choices=["mlx", "mirror"])
     t.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="mirror backend device")
     t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="mirror backend: bf16 runs the matmuls under bfloat16 autocast "
                    "(float32 weights, norms, logits and losses); auto: bf16 on cuda, else fp32")
-    t.add_argument("--checkpoint-every", type=int, default=50)
-    t.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+    t.add_argument("--checkpoint-every", type=positive, default=50)
+    t.add_argument("--time-limit", type=positive_float, default=None, metavar="SECONDS",
                    help="stop (checkpoint and write the artifact) after this long")
     t.add_argument("--resume", action="store_true",
                    help="continue from OUT.ckpt (written every --checkpoint-every steps)")
-    t.add_argument("--eval-pairs", type=int, default=16,
+    t.add_argument("--eval-pairs", type=non_negative, default=16,
                    help="held-out pairs to measure quality on for the card (0: skip)")
     t.add_argument("--out", default=None, help="artifact folder (default: the cache path of "
                    "this aux kind, '-trained' appended)")

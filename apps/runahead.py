@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from edgeprefill.apps.argtypes import non_negative, non_negative_float, positive, positive_float
 from edgeprefill.errors import EdgeprefillError
 
 from edgeprefill.prefill import PARALLEL_STRATEGIES  # noqa: F401  (re-exported)
@@ -19,6 +20,7 @@ TABLE_NAME = "runahead-partitions.json"
 # its own apps/ or edgeprefill/ cannot stand in for it.
 WORKER = (sys.executable, "-I", "-m", "edgeprefill.apps.cli", "runahead", "worker")
 PARENT_ENV = "EDGEPREFILL_PARENT_PID"  # set for local workers: the process that started them
+POOL_PREFIX = "edgeprefill-runahead-"  # the chat pool's job folder: <prefix><pid>.<random>
 RANDOM_PAIR = "random:T-0.50"  # runahead-kvp's artifact for random-weight shapes (speed only)
 
 
@@ -36,13 +38,13 @@ def add_parser(sub):
     t.add_argument("--out", default=None, help="table file (default: the cache)")
     t.add_argument("--shape", default=None,
                    help="random-weight model of a real shape instead of --model (e.g. llama-8b)")
-    t.add_argument("--trials", type=int, default=3, help="timed prefills per point (min kept)")
+    t.add_argument("--trials", type=positive, default=3, help="timed prefills per point (min kept)")
     t.add_argument("--with-tsp", action="store_true",
                    help="also time tsp at each length and the link between two workers")
     t.add_argument("--json", default=None, help="write every timing here")
     t.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="mx.distributed backend (auto: nccl on CUDA GPUs, else ring)")
-    t.add_argument("--timeout", type=float, default=1800, help="seconds for one launch")
+    t.add_argument("--timeout", type=positive_float, default=1800, help="seconds for one launch")
     t.set_defaults(run=run_tune)
     j = rsub.add_parser("project", help="projected TTFT of runahead / tsp / full on 2..8 "
                         "machines from layer times measured here and a link model")
@@ -52,11 +54,12 @@ def add_parser(sub):
     j.add_argument("--workers", default="2,3,4,5,6,7,8", help="comma list of machine counts")
     j.add_argument("--prompt-tokens", default="4096,8192,16384")
     j.add_argument("--links", default="10,40", help="comma list of link speeds in Gb/s")
-    j.add_argument("--latency-us", type=float, default=50.0, help="one-way link latency")
+    j.add_argument("--latency-us", type=non_negative_float, default=50.0,
+                   help="one-way link latency")
     j.add_argument("--measured", default=None, metavar="TUNE_JSON",
                    help="`runahead tune --with-tsp --json` records (comma list): predict "
                    "those runs with their measured link and print predicted beside measured")
-    j.add_argument("--chunk-size", type=int, default=None, help="full prefill's chunk")
+    j.add_argument("--chunk-size", type=positive, default=None, help="full prefill's chunk")
     j.add_argument("--json", default=None, help="write the projection here")
     j.add_argument("--plot", default=None, help="write a PNG: projected TTFT vs machines")
     j.set_defaults(run=run_project)
@@ -67,7 +70,7 @@ def add_parser(sub):
                    help="stay up and run job files appearing in FOLDER (see RunaheadPool)")
     w.add_argument("--out", required=True, help="results file prefix: each reporting rank writes OUT.rank<r>")
     w.add_argument("--backend", default="auto", choices=BACKENDS)
-    w.add_argument("--die-rank", type=int, default=None, help=argparse.SUPPRESS)
+    w.add_argument("--die-rank", type=non_negative, default=None, help=argparse.SUPPRESS)
     w.set_defaults(run=run_worker)
 
 
@@ -597,12 +600,15 @@ class RunaheadPool:
             raise EdgeprefillError("--workers must be >= 1")
         check_local_workers(workers, lm)
         self.lm, self.workers, self.k = lm, workers, 0
-        shm = "/dev/shm" if Path("/dev/shm").is_dir() else None
-        self.dir = Path(tempfile.mkdtemp(prefix="edgeprefill-runahead-", dir=shm))
+        from edgeprefill.fsio import clean_stale
+
+        shm = "/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()
+        clean_stale(shm, POOL_PREFIX)  # folders of pools whose chat was killed
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{POOL_PREFIX}{os.getpid()}.", dir=shm))
         self._cleanup = lambda: shutil.rmtree(self.dir, ignore_errors=True)
         backend = resolve_backend(backend)
-        worker = [*WORKER, "--backend", backend, "--model", lm.spec, "--dtype", dtype or "auto", "--jobs", "-", "--out", "-",
-                  "--serve", str(self.dir)]
+        worker = [*WORKER, "--backend", backend, "--model", lm.spec, "--dtype", dtype or "auto",
+                  "--jobs", "-", "--out", "-", "--serve", str(self.dir)]
         self.log = open(self.dir / "workers.log", "w")
         self.procs = start_local(workers, worker, backend, self.dir, output=self.log)
         self._wait_for(lambda: all((self.dir / f"ready-{r}").exists() for r in range(workers)),

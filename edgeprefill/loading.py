@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeprefill.errors import EdgeprefillError
+from edgeprefill.fsio import path_lock
 from edgeprefill.models import FAMILIES
 
 DEFAULT_MODEL = "default"
@@ -73,18 +74,28 @@ def default_gguf_path():
     return path
 
 
-def converted_gguf_dir(gguf_path, progress=None):
-    """HF folder converted from a GGUF file, cached by file name, size and mtime."""
-    from edgeprefill.gguf import convert_gguf
-
+def converted_gguf_path(gguf_path):
+    """Where the HF folder converted from a GGUF file lives: keyed by the file's path, size and
+    mtime, and the reader's version."""
     gguf_path = Path(gguf_path).resolve()
     st = gguf_path.stat()
     key = hashlib.sha1(f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}:{GGUF_READER_VERSION}".encode()
                        ).hexdigest()[:10]
-    out = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+    return cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+
+
+def converted_gguf_dir(gguf_path, progress=None):
+    """The HF folder converted from a GGUF file, converted on first use (once, even when two
+    processes ask at the same time)."""
+    from edgeprefill.gguf import convert_gguf
+
+    out = converted_gguf_path(gguf_path)
     if not (out / "config.json").is_file():
-        (progress or _stderr)(f"converting {gguf_path.name} to an HF folder in {out} (once)")
-        convert_gguf(gguf_path, out, progress=progress)
+        with path_lock(out):  # a second process converting the same file waits, then reuses it
+            if not (out / "config.json").is_file():
+                (progress or _stderr)(f"converting {Path(gguf_path).name} to an HF folder in "
+                                      f"{out} (once)")
+                convert_gguf(gguf_path, out, progress=progress)
     return out
 
 

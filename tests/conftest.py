@@ -10,6 +10,7 @@ import edgeprefill  # noqa: E402,F401  before mlx: the tests run on OpenBLAS as 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
 FAMILIES = ("llama", "qwen2", "qwen3")
+CLI = (sys.executable, "-m", "edgeprefill.apps.cli")  # the command line, as a user runs it
 
 
 @pytest.fixture(scope="session")

@@ -6,17 +6,19 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pexpect
 import pytest
 
+from tests.conftest import CLI
 from tests.test_chat import _turn
 
 
 def cli(args, env, stdin=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", *args], env=env,
-                          input=stdin, capture_output=True, timeout=timeout)
+    return subprocess.run([*CLI, *args], env=env, input=stdin, capture_output=True,
+                          timeout=timeout)
 
 
 def one_error_line(r, needle):
@@ -258,3 +260,100 @@ def test_ctrl_c_during_runahead_generate_ends_the_workers(tiny_models, cli_env):
     while not all(_gone(p) for p in kids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert all(_gone(p) for p in kids), "runahead workers outlived Ctrl-C"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_worker_killed_mid_prefill_gives_one_line_and_no_orphan(tiny_models, cli_env):
+    proc = subprocess.Popen([*CLI, "generate", "--model", str(tiny_models["llama"]),
+                             "--strategy", "runahead", "--workers", "2", "--prompt", "hello"],
+                            env=dict(cli_env, EDGEPREFILL_TEST_HANG_RANK="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while len(kids := _children(proc.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(kids) == 2
+    time.sleep(1)
+    os.kill(kids[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, b"", err)
+    one_error_line(r, "a runahead worker failed (rank 1, exit code -9; its last output")
+    deadline = time.monotonic() + 10
+    while not all(_gone(p) for p in kids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(_gone(p) for p in kids)
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["generate", "--prompt", "hi", "--seed", "-1"], "--seed"),
+    (["generate", "--prompt", "hi", "--temp", "nan"], "--temp"),
+    (["generate", "--prompt", "hi", "--top-p", "2"], "--top-p"),
+    (["generate", "--prompt", "hi", "--max-tokens", "0"], "--max-tokens"),
+    (["generate", "--prompt", "hi", "--workers", "0"], "--workers"),
+    (["generate", "--prompt", "hi", "--kvp-tail", "x"], "--kvp-tail"),
+    (["bench", "--chunk-size", "-5"], "--chunk-size"),
+    (["chat", "--prompt", "hi", "--temp", "inf"], "--temp"),
+    (["kvp", "fit", "--lam", "0"], "--lam"),
+    (["kvp", "train", "--lr", "-1"], "--lr"),
+    (["runahead", "tune", "--timeout", "nan"], "--timeout"),
+])
+def test_numeric_flags_are_checked_when_parsed(args, flag, cli_env):
+    r = cli(args, cli_env, timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "Traceback" not in err, err
+    assert f"argument {flag}" in err.strip().splitlines()[-1], err
+
+
+KILLED_WRITE = """
+import os, signal, sys
+from edgeprefill.fsio import atomic_folder
+with atomic_folder(sys.argv[1]) as tmp:
+    (tmp / "half-written").write_text("x" * 1000)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_temporaries_of_killed_runs_are_cleaned_at_the_next_start(tiny_models, cli_env,
+                                                                    tmp_path):
+    from edgeprefill.fsio import clean_stale
+    from tests.gguf_fixture import write_tiny_gguf
+
+    gguf_file = write_tiny_gguf(tiny_models["llama"], tmp_path / "t.gguf")
+    # a first conversion killed mid-write (SIGKILL: no clean-up of its own)
+    dest = subprocess.run([sys.executable, "-c", "import sys; from edgeprefill.loading import "
+                           "converted_gguf_path as p; print(p(sys.argv[1]))", str(gguf_file)],
+                          env=cli_env, capture_output=True, text=True).stdout.strip()
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True)
+    r = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(dest)], env=cli_env)
+    assert r.returncode == -signal.SIGKILL
+    stale = [p for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}.")
+             and not p.name.endswith(".lock")]
+    assert len(stale) == 1 and stale[0].is_dir()
+    r = cli(["generate", "--model", str(gguf_file), "--prompt", "hi", "--max-tokens", "2"],
+            cli_env)
+    assert r.returncode == 0, r.stderr
+    assert not stale[0].exists() and (dest / "config.json").is_file()
+    # the chat's runahead job folders in /dev/shm are cleaned the same way
+    shm = tmp_path / "shm"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (shm / f"edgeprefill-runahead-{dead}.abc").mkdir(parents=True)
+    (shm / f"edgeprefill-runahead-{os.getpid()}.mine").mkdir()
+    clean_stale(shm, "edgeprefill-runahead-")
+    assert [p.name for p in shm.iterdir()] == [f"edgeprefill-runahead-{os.getpid()}.mine"]
+
+
+def test_two_first_runs_of_the_default_model_at_once_both_succeed(cli_env):
+    args = ["generate", "--model", "default", "--strategy", "kvp", "--prompt",
+            "What is the capital of France?", "--max-tokens", "8", "--json"]
+    procs = [subprocess.Popen([*CLI, *args], env=cli_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err.decode()[-2000:]
+        assert "Paris" in json.loads(out)["text"]
+    cache = Path(cli_env["EDGEPREFILL_CACHE"])
+    assert len(list((cache / "models").glob("SmolLM2-*"))) == 1
+    leftovers = [p for d in (cache / "models", cache / "kvp") for p in d.iterdir()
+                 if p.name.startswith(".") and not p.name.endswith(".lock")]
+    assert not leftovers, leftovers

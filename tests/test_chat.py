@@ -2,10 +2,10 @@
 
 import re
 import subprocess
-import sys
 
 import pexpect
 import pytest
+from tests.conftest import CLI
 
 PROMPT = "\r\n> "
 
@@ -99,16 +99,16 @@ def test_save_then_load_restores_the_caches(chat, tmp_path):
 
 def test_one_shot_prompt_and_piped_stdin(tiny_models, cli_env):
     model = str(tiny_models["llama"])
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "chat", "--model", model, "--prompt",
+    r = subprocess.run([*CLI, "chat", "--model", model, "--prompt",
                         "hello", "--max-tokens", "4"], env=cli_env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert re.search(r"strategy full \| prompt \d+ tok", r.stderr)
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "chat", "--model", model,
+    r = subprocess.run([*CLI, "chat", "--model", model,
                         "--max-tokens", "4"], input="a piped\nmulti-line document\n",
                        env=cli_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr and "TTFT" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "chat", "--model", model],
+    r = subprocess.run([*CLI, "chat", "--model", model],
                        input="", env=cli_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "prompt is empty" in r.stderr
 

@@ -9,12 +9,12 @@ palette < 0.15 with logit cosine > 0.97 -- all with the same top-1 token.
 import json
 import platform
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from edgeprefill.loading import load
+from tests.conftest import CLI
 
 pytest.importorskip("coremltools")
 CHUNK, CONTEXT = 16, 64
@@ -153,7 +153,7 @@ def test_quantized_packages_stay_close(tiny_models, tmp_path, family, quantize, 
 def test_export_cli_writes_a_package_and_refuses_bad_options(tiny_models, cli_env, tmp_path):
     model = str(tiny_models["llama"])
     out = tmp_path / "tiny.mlpackage"
-    cmd = [sys.executable, "-m", "edgeprefill.apps.cli", "export", "--model", model, "--out", str(out),
+    cmd = [*CLI, "export", "--model", model, "--out", str(out),
            "--context", "64", "--chunk", "16", "--layout", "default", "--verify", "--json",
            str(tmp_path / "r.json")]
     r = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=600)

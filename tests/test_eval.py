@@ -2,17 +2,17 @@
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 
 from edgeprefill.evaluate import kl_divergence, reference, score
 from edgeprefill.loading import load
 from edgeprefill.prefill import FullPrefill
+from tests.conftest import CLI
 
 
 def _cli(args, env, timeout=600):
-    return subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", *args], env=env,
+    return subprocess.run([*CLI, *args], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -99,7 +99,7 @@ def test_eval_cli_reports_every_metric(tiny_models, cli_env, tmp_path):
     assert x["flops_ratio"] > res["kvp"]["flops_ratio"]
     r = _cli(["eval", "--model", model, "--kvp", str(art), "--kvp-tail", "0", "--data",
               str(data)], cli_env)
-    assert r.returncode == 1 and "--kvp-tail must be >= 1" in r.stderr
+    assert r.returncode == 2 and "argument --kvp-tail: 0 is below 1" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "continuation": "b"}\n{"prompt": "x"}\n')

@@ -2,10 +2,10 @@
 
 import json
 import subprocess
-import sys
 
 from edgeprefill.flops import attention_flops, prefill_flops
 from edgeprefill.models.random import make_config
+from tests.conftest import CLI
 
 
 def test_prefill_flops_match_a_hand_count():
@@ -28,7 +28,7 @@ def test_attention_flops_count_the_cached_prefix():
 
 def test_bench_json_records_are_complete_and_consistent(tiny_models, cli_env, tmp_path):
     out = tmp_path / "b.json"
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "bench", "--model",
+    r = subprocess.run([*CLI, "bench", "--model",
                         str(tiny_models["llama"]), "--prompt-tokens", "16,40", "--trials", "2",
                         "--json", str(out)], env=cli_env, capture_output=True, text=True,
                        timeout=300)
@@ -51,12 +51,12 @@ def test_bench_json_records_are_complete_and_consistent(tiny_models, cli_env, tm
 def test_bench_kvp_rows_plot_and_speed_only_modes(tiny_models, cli_env, tmp_path):
     model = str(tiny_models["llama"])
     art = tmp_path / "art"
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "kvp", "fit", "--model", model,
+    r = subprocess.run([*CLI, "kvp", "fit", "--model", model,
                         "--aux", "T-0.50", "--tokens", "300", "--chunk", "60", "--eval-pairs",
                         "0", "--out", str(art)], env=cli_env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     out, png = tmp_path / "b.json", tmp_path / "b.png"
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "bench", "--model", model,
+    r = subprocess.run([*CLI, "bench", "--model", model,
                         "--strategies", "full,kvp,aux-only,runahead-kvp", "--kvp", str(art),
                         "--prompt-tokens", "24", "--trials", "2", "--continuation", "8",
                         "--json", str(out), "--plot", str(png)], env=cli_env,
@@ -77,7 +77,7 @@ def test_bench_kvp_rows_plot_and_speed_only_modes(tiny_models, cli_env, tmp_path
         assert abs(ra[key] - recs["kvp"][key]) < 1e-4, key
     assert png.read_bytes()[:4] == b"\x89PNG"
     # --kvp-tail: kvp and runahead-kvp both run the base over the last 4 tokens
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "bench", "--model", model,
+    r = subprocess.run([*CLI, "bench", "--model", model,
                         "--strategies", "kvp,runahead-kvp", "--kvp", str(art), "--kvp-tail", "4",
                         "--prompt-tokens", "24", "--trials", "1", "--continuation", "8",
                         "--json", str(out)], env=cli_env, capture_output=True, text=True,
@@ -95,13 +95,13 @@ def test_bench_kvp_rows_plot_and_speed_only_modes(tiny_models, cli_env, tmp_path
                   ["--shape", "tiny", "--strategies", "full,kvp,runahead-kvp"],
                   ["--backend", "mirror", "--shape", "tiny", "--aux-shape", "tiny",
                    "--strategies", "full,kvp"]):
-        r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "bench", *extra,
+        r = subprocess.run([*CLI, "bench", *extra,
                             "--prompt-tokens", "16", "--trials", "1", "--json", str(out)],
                            env=cli_env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         for x in json.loads(out.read_text())["records"]:
             assert x["first_token_agreement"] is None and x["nll_ratio"] is None
             assert x["ttft_s"] > 0
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "bench", "--shape", "llama-99b"],
+    r = subprocess.run([*CLI, "bench", "--shape", "llama-99b"],
                        env=cli_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "unknown --shape 'llama-99b'" in r.stderr

@@ -10,10 +10,11 @@ import pytest
 from edgeprefill.generate import generate
 from edgeprefill.loading import load
 from edgeprefill.prefill import make_strategy
+from tests.conftest import CLI
 
 
 def cli(args, env, stdin=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", *args], env=env, input=stdin,
+    return subprocess.run([*CLI, *args], env=env, input=stdin,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -84,7 +85,8 @@ def _one_error_line(r, fragment):
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("edgeprefill: error:") and fragment in lines[0], lines[0]
+    assert lines[0].startswith("edgeprefill") and ": error: " in lines[0], lines[0]
+    assert fragment in lines[0], lines[0]
     assert "Traceback" not in r.stderr
 
 

@@ -2,12 +2,10 @@
 that carries the apps and the trained pair under the edgeprefill namespace, the GGUF tokenizer."""
 
 import json
-import os
 import re
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
@@ -65,8 +63,12 @@ def test_readme_python_example_runs(cli_env, tmp_path):
 
 
 def test_wheel_installs_apps_and_pair_under_the_edgeprefill_namespace(tmp_path, cli_env):
+    import shutil
+
+    src = shutil.copytree(ROOT, tmp_path / "src", ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "__pycache__", "*.egg-info", ".lock-venv"))  # builds write here
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                        "--no-build-isolation", "-w", str(tmp_path / "dist"), str(ROOT)],
+                        "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("edgeprefill-*.whl"))

@@ -11,6 +11,7 @@ from edgeprefill.kvp.predictor import KVPredictor
 from edgeprefill.loading import load
 from edgeprefill.prefill import FullPrefill
 from edgeprefill.prefill.kv_prediction import KVPrediction
+from tests.conftest import CLI
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 
@@ -124,11 +125,10 @@ def test_ridge_fit_recovers_identity_and_artifact_round_trips(tiny_models, tmp_p
 def test_kvp_fit_cli_then_generate_with_the_artifact(tiny_models, cli_env, tmp_path):
     import json
     import subprocess
-    import sys
 
     art = tmp_path / "art"
     model = str(tiny_models["llama"])
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "kvp", "fit", "--model", model,
+    r = subprocess.run([*CLI, "kvp", "fit", "--model", model,
                         "--aux", "LP-0.50", "--tokens", "400", "--chunk", "64", "--eval-pairs", "2", "--out",
                         str(art)], env=cli_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -137,14 +137,14 @@ def test_kvp_fit_cli_then_generate_with_the_artifact(tiny_models, cli_env, tmp_p
     assert card["predictor_input"] == "kv" and card["tail"] == 1
     assert 0 <= card["quality"]["first_token_agreement"] <= 1 and card["quality"]["pairs"] == 2
     assert card["layer_map"] == [0, 0, 1, 1] and card["fit"]["method"] == "ridge"
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "generate", "--model", model,
+    r = subprocess.run([*CLI, "generate", "--model", model,
                         "--prompt", "the quick brown fox", "--strategy", "kvp", "--kvp",
                         str(art), "--max-tokens", "4", "--json"], env=cli_env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     stats = json.loads(r.stdout)["stats"]
     assert stats["strategy"] == "kvp" and stats["extra"]["aux"] == "LP-0.50"
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "generate", "--model", model,
+    r = subprocess.run([*CLI, "generate", "--model", model,
                         "--prompt", "hi", "--strategy", "kvp", "--kvp", str(tmp_path / "none")],
                        env=cli_env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "no KV Prediction artifact" in r.stderr
@@ -221,7 +221,6 @@ def test_compact_aux_fit_generate_and_tokenizer_refusal(tiny_models, cli_env, tm
     another tokenizer is refused with a one-line error; the artifact reloads its aux model."""
     import json
     import subprocess
-    import sys
 
     from edgeprefill.models.random import random_model_folder
 
@@ -229,7 +228,7 @@ def test_compact_aux_fit_generate_and_tokenizer_refusal(tiny_models, cli_env, tm
                                 num_hidden_layers=2, hidden_size=32, intermediate_size=64)
     other = random_model_folder(tmp_path / "other", "llama", "tiny", seed=4, vocab_size=320)
     model, art = str(tiny_models["llama"]), tmp_path / "art"
-    base = [sys.executable, "-m", "edgeprefill.apps.cli", "kvp", "fit", "--model", model, "--aux", "C",
+    base = [*CLI, "kvp", "fit", "--model", model, "--aux", "C",
             "--tokens", "240", "--chunk", "60", "--eval-pairs", "0"]
     r = subprocess.run(base + ["--aux-model", str(small), "--out", str(art)], env=cli_env,
                        capture_output=True, text=True, timeout=300)
@@ -237,7 +236,7 @@ def test_compact_aux_fit_generate_and_tokenizer_refusal(tiny_models, cli_env, tm
     card = json.loads((art / "card.json").read_text())
     assert card["aux"]["kind"] == "C" and card["aux"]["weights"] == "model"
     assert card["layer_map"] == [0, 0, 1, 1]
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "generate", "--model", model,
+    r = subprocess.run([*CLI, "generate", "--model", model,
                         "--prompt", "the quick brown fox", "--strategy", "kvp", "--kvp",
                         str(art), "--max-tokens", "3", "--json"], env=cli_env,
                        capture_output=True, text=True, timeout=300)

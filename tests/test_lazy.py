@@ -8,6 +8,7 @@ from edgeprefill.generate import generate
 from edgeprefill.loading import load
 from edgeprefill.prefill import FullPrefill
 from edgeprefill.prefill.lazy import SCHEDULES, LazyPrefill, Schedule
+from tests.conftest import CLI
 
 PROMPT = "the quick brown fox jumps over the lazy dog and then it runs far away"
 
@@ -84,16 +85,15 @@ def test_decoding_revives_tokens_with_the_kv_full_would_compute_from_their_input
 def test_lazy_in_generate_cli_and_unknown_schedule(tiny_models, cli_env):
     import json
     import subprocess
-    import sys
 
     model = str(tiny_models["llama"])
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "generate", "--model", model,
+    r = subprocess.run([*CLI, "generate", "--model", model,
                         "--prompt", PROMPT, "--strategy", "lazy-aggressive", "--max-tokens", "4",
                         "--json"], env=cli_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     stats = json.loads(r.stdout)["stats"]
     assert stats["strategy"] == "lazy" and stats["extra"]["schedule"] == "aggressive"
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "generate", "--model", model,
+    r = subprocess.run([*CLI, "generate", "--model", model,
                         "--prompt", "hi", "--strategy", "lazy-nope"], env=cli_env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "unknown lazy schedule 'nope'" in r.stderr

@@ -3,13 +3,13 @@ artifact and the CLI (fit, train --init) with their refusals."""
 
 import json
 import subprocess
-import sys
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from edgeprefill.loading import load
+from tests.conftest import CLI
 
 RANK = 8
 
@@ -120,7 +120,7 @@ def test_low_rank_flops_mirror_and_stacked_path(tiny_models):
 
 
 def _cli(args, env):
-    return subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", *args], env=env,
+    return subprocess.run([*CLI, *args], env=env,
                           capture_output=True, text=True, timeout=600)
 
 

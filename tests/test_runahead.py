@@ -2,13 +2,13 @@
 
 import json
 import subprocess
-import sys
 
 import pytest
 
 from edgeprefill.loading import load
 from edgeprefill.prefill.runahead import (balanced_partition, even_partition, runahead_bytes,
                                           tsp_bytes)
+from tests.conftest import CLI
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_generate_cli_with_runahead_workers(tiny_models, cli_env):
 
     lm = load(str(tiny_models["llama"]))
     prompt = "the quick brown fox jumps over the lazy dog"
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "generate", "--model", lm.spec,
+    r = subprocess.run([*CLI, "generate", "--model", lm.spec,
                         "--prompt", prompt, "--strategy", "runahead", "--workers", "2",
                         "--max-tokens", "5", "--json"], env=cli_env, capture_output=True,
                        text=True, timeout=300)
@@ -75,7 +75,7 @@ def test_generate_cli_with_runahead_kvp_equals_kvp(tiny_models, cli_env, tmp_pat
     lm = load(str(tiny_models["llama"]))
     art = _random_pair_artifact(lm, "T-0.50", "hidden", tmp_path / "art")
     prompt = "the quick brown fox jumps over the lazy dog"
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "generate", "--model", lm.spec,
+    r = subprocess.run([*CLI, "generate", "--model", lm.spec,
                         "--prompt", prompt, "--strategy", "runahead-kvp", "--kvp", str(art),
                         "--workers", "2", "--max-tokens", "5", "--json"], env=cli_env,
                        capture_output=True, text=True, timeout=300)
@@ -106,7 +106,7 @@ def test_partition_table_interpolates_and_falls_back(lm, tmp_path, capsys):
 def test_tune_writes_a_table_and_the_projection_reads_it(tiny_models, cli_env, tmp_path):
     out, rec, proj = tmp_path / "table.json", tmp_path / "tune.json", tmp_path / "proj.json"
     model = str(tiny_models["llama"])
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "runahead", "tune", "--model", model,
+    r = subprocess.run([*CLI, "runahead", "tune", "--model", model,
                         "--workers", "2", "--prompt-tokens", "40", "--alphas", "0,1",
                         "--trials", "1", "--with-tsp", "--json", str(rec), "--out", str(out)],
                        env=cli_env, capture_output=True, text=True, timeout=600)
@@ -117,7 +117,7 @@ def test_tune_writes_a_table_and_the_projection_reads_it(tiny_models, cli_env, t
     (run,) = json.loads(rec.read_text())["runs"]
     assert [x["strategy"] for x in run["results"]] == ["runahead", "runahead", "tsp"]
     assert len(run["link"]) == 5 and all(x["round_trip_s"] > 0 for x in run["link"])
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "runahead", "project", "--model", model,
+    r = subprocess.run([*CLI, "runahead", "project", "--model", model,
                         "--workers", "2,4", "--prompt-tokens", "64", "--measured", str(rec),
                         "--json", str(proj), "--plot", str(tmp_path / "p.png")], env=cli_env,
                        capture_output=True, text=True, timeout=600)
@@ -126,7 +126,7 @@ def test_tune_writes_a_table_and_the_projection_reads_it(tiny_models, cli_env, t
     assert {(x["workers"], x["n"]) for x in p["projection"]} >= {(2, 64), (4, 64), (2, 40)}
     assert len(p["validation"]) == 3 and all(x["predicted_s"] > 0 for x in p["validation"])
     assert (tmp_path / "p.png").stat().st_size > 0
-    r = subprocess.run([sys.executable, "-m", "edgeprefill.apps.cli", "runahead", "project", "--model", model,
+    r = subprocess.run([*CLI, "runahead", "project", "--model", model,
                         "--measured", str(out)], env=cli_env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 1 and "cannot read a tune record" in r.stderr

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from edgeprefill.errors import EdgeprefillError
+from edgeprefill.fsio import path_lock
 
 DEFAULT_AUX = "T-0.50"  # the default pair: truncated aux, hidden-state predictor
 
@@ -129,16 +130,22 @@ def ensure_default_pair(lm, path=None, say=None):
         path: the pair folder (default: `default_artifact_path(lm.model_id)`).
         say: optional callable(str) told what is installed or fitted.
     """
+    path = Path(path or default_artifact_path(lm.model_id))
+    shipped = bundled_dir() / path.name
+    if lm.spec != "default" or path.exists() and not stale_bundled_copy(path, shipped):
+        return path
+    with path_lock(path):  # a second process installing it waits, then finds it there
+        if path.exists() and not stale_bundled_copy(path, shipped):
+            return path
+        return _install_default_pair(lm, path, shipped, say or (lambda _msg: None))
+
+
+def _install_default_pair(lm, path, shipped, say):
     import shutil
 
     from edgeprefill.fsio import atomic_folder
     from edgeprefill.kvp.artifact import load_artifact
 
-    path = Path(path or default_artifact_path(lm.model_id))
-    say = say or (lambda _msg: None)
-    shipped = bundled_dir() / path.name
-    if lm.spec != "default" or path.exists() and not stale_bundled_copy(path, shipped):
-        return path
     if shipped.is_dir():
         try:
             _, _, card = load_artifact(shipped, lm.model)

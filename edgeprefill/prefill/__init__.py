@@ -95,5 +95,6 @@ def strategy_for(lm, name="full", kvp=None, kvp_tail=None, say=None, **options):
     return make_strategy(name, lm.model, **pair_options(lm, name, kvp, kvp_tail, say), **options)
 
 
-__all__ = ["PARALLEL_STRATEGIES", "pair_options", "strategy_for", "PrefillStats", "PromptCache", "FullPrefill", "AuxOnly", "KVPrediction",
+__all__ = ["PARALLEL_STRATEGIES", "pair_options", "strategy_for",
+           "PrefillStats", "PromptCache", "FullPrefill", "AuxOnly", "KVPrediction",
            "LazyPrefill", "SCHEDULES", "STRATEGIES", "StreamRunahead", "make_strategy"]

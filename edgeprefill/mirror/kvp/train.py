@@ -231,7 +231,14 @@ class Trainer:
 
     def load_checkpoint(self, path):
         path = Path(path)
-        state = torch.load(path / "checkpoint.pt", map_location=self.device)
+        try:  # tensors and plain containers only: a checkpoint never runs code when read
+            state = torch.load(path / "checkpoint.pt", map_location=self.device,
+                               weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            from edgeprefill.errors import EdgeprefillError
+
+            raise EdgeprefillError(f"cannot read {path / 'checkpoint.pt'} ({type(e).__name__}): "
+                                   "the checkpoint is corrupted; start without --resume") from None
         self.predictor.load_state_dict(state["predictor"])
         view = self.aux.model
         if isinstance(view, AuxView):
