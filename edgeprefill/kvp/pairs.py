@@ -98,9 +98,7 @@ def fit_artifact(lm, aux_spec, out, source="auto", tokens=30000, chunk=256, lam=
 
 def bundled_dir():
     """edgeprefill/assets: trained pairs shipped with the package."""
-    import edgeprefill
-
-    return Path(edgeprefill.__file__).resolve().parent / "assets"
+    return Path(__file__).resolve().parents[1] / "assets"
 
 
 def stale_bundled_copy(path, shipped):
