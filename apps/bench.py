@@ -6,13 +6,14 @@ row is mlx-lm's own generation path on the same model and prompts: the anchor us
 """
 
 import datetime
-import json
 import statistics
 import sys
 import time
 
 from edgeprefill.apps.argtypes import non_negative, positive
 from edgeprefill.apps.runahead import PARALLEL_STRATEGIES, RANDOM_PAIR
+from edgeprefill.apps.shared import parse_list, write_json
+from edgeprefill.bench import bench_prompt_sets, random_kvp_pair
 from edgeprefill.errors import EdgeprefillError
 
 KVP_STRATEGIES = {"kvp", "aux-only", "runahead-kvp"}  # need a KV Prediction pair
@@ -31,7 +32,7 @@ def pair_record(path):
 
 
 def add_parser(sub):
-    from edgeprefill.apps.generate import add_kvp_tail_arg, add_model_args
+    from edgeprefill.apps.shared import add_kvp_tail_arg, add_model_args
 
     p = sub.add_parser("bench", help="measure TTFT per strategy and prompt length")
     add_model_args(p)
@@ -67,16 +68,6 @@ def add_parser(sub):
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="PNG: TTFT vs prompt length, and quality vs TTFT")
     p.set_defaults(run=run)
-
-
-def parse_list(text, cast, what):
-    try:
-        items = [cast(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise EdgeprefillError(f"bad {what} list '{text}': give comma-separated values") from None
-    if not items:
-        raise EdgeprefillError(f"empty {what} list: give at least one value")
-    return items
 
 
 class Runner:
@@ -328,7 +319,7 @@ def mirror_pair(aux, pred, tbase, tail=1):
     """(mirror aux, mirror predictor, tail) of an MLX pair: an aux of the base's own blocks
     runs the mirror base's, a KVP-C aux a mirror of its own model; trained block copies, if
     any, are mirrored with their weights."""
-    from edgeprefill.mirror.kvp.aux import aux_to_torch
+    from edgeprefill.mirror.kvp.train import aux_to_torch
     from edgeprefill.mirror.kvp.predictor import predictor_to_torch
     from edgeprefill.mirror.loading import mirror_from_mlx
 
@@ -339,20 +330,6 @@ def mirror_pair(aux, pred, tbase, tail=1):
         tbase_aux = tbase
     taux = aux_to_torch(aux, tbase_aux)
     return taux, predictor_to_torch(pred, tbase.device, tbase.dtype), tail
-
-
-def bench_prompt_sets(lm, n, count, continuation, random_tokens, seed=0):
-    """[(prompt ids, continuation ids)] of held-out text, or random tokens (no continuation)."""
-    import numpy as np
-
-    if random_tokens:
-        rng = np.random.default_rng((seed, n))
-        vocab = min(lm.model.vocab_size, len(lm.tokenizer.vocab) if hasattr(
-            lm.tokenizer, "vocab") else lm.model.vocab_size)
-        return [(rng.integers(3, max(4, vocab), size=n).tolist(), []) for _ in range(count)]
-    from edgeprefill.data import bench_prompts
-
-    return [(ids[:n], ids[n:]) for ids in bench_prompts(lm.tokenizer, n, count, continuation)]
 
 
 def bench_records(runner, lm, strategies, lengths, trials, warmup, n_prompts, progress=None,
@@ -400,13 +377,6 @@ def bench_records(runner, lm, strategies, lengths, trials, warmup, n_prompts, pr
                 "ttft_flops": strategy_flops(s, lm.config, n, **runner.flops_options(s)),
                 "peak_mem_bytes": peak, **q})
     return records
-
-
-def write_json(path, payload):
-    """Write JSON atomically (temp file, then rename)."""
-    from edgeprefill.fsio import atomic_write_text
-
-    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def runner_accepts(runner, name):
@@ -460,7 +430,7 @@ def run(args):
         if args.aux_shape:
             raise EdgeprefillError("--aux-shape goes with --shape (random-weight models)")
         lm = load(args.model, dtype=args.dtype)
-    from edgeprefill.apps.generate import kvp_tail, strategy_options
+    from edgeprefill.apps.shared import kvp_tail, strategy_options
 
     kvp, tail = None, kvp_tail(args)
     if KVP_STRATEGIES & set(strategies) and not random_pair:
@@ -518,24 +488,3 @@ def run(args):
         bench_plot(records, args.plot, table.title)
         print(f"wrote {args.plot}", file=sys.stderr)
     return 0
-
-
-def random_kvp_pair(lm, aux_shape, dtype):
-    """(aux, predictor) of random weights for speed-only kvp runs: a KVP-C aux of `aux_shape`
-    (same random tokenizer), else the base's first half (T-0.50) with a hidden-state predictor."""
-    from edgeprefill.kvp.pairs import build_predictor
-    from edgeprefill.kvp.aux import AuxModel
-    from edgeprefill.kvp.layer_map import compact_layer_map
-    from edgeprefill.kvp.predictor import KVPredictor
-    from edgeprefill.models.random import load_random
-
-    base = lm.model
-    if not aux_shape:
-        aux, pred = build_predictor(base, "T-0.50", "hidden")
-    else:
-        small = load_random(aux_shape, dtype=dtype, seed=1).model
-        aux = AuxModel(small, range(small.n_layers), "C")
-        pred = KVPredictor(compact_layer_map(base.n_layers, small.n_layers), aux.kv_dim,
-                           base.n_kv_heads, base.head_dim)
-    pred.set_dtype(base.dtype)
-    return aux, pred

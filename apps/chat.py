@@ -28,7 +28,7 @@ DELAY_S = float(os.environ.get("EDGEPREFILL_DECODE_DELAY_S", "0") or 0)
 
 
 def add_parser(sub):
-    from edgeprefill.apps.generate import add_kvp_tail_arg, add_model_args
+    from edgeprefill.apps.shared import add_kvp_tail_arg, add_model_args
 
     p = sub.add_parser("chat", help="chat in the terminal (multi-turn, cache reuse)")
     add_model_args(p)
@@ -72,7 +72,7 @@ class Session:
         self.set_strategy(args.strategy)
 
     def set_strategy(self, name):
-        from edgeprefill.apps.generate import strategy_options
+        from edgeprefill.apps.shared import strategy_options
         from edgeprefill.prefill import make_strategy
 
         old = getattr(self, "strategy", None)
@@ -178,7 +178,7 @@ class Session:
         t["generated_tokens"] += st["generated_tokens"]
         t["ttft_s"] += st["ttft_s"]
         t["decode_s"] += st["decode_s"]
-        from edgeprefill.apps.generate import stats_line
+        from edgeprefill.apps.shared import stats_line
 
         note = " | context full" if result.finish_reason == "context" else ""
         self.console.print(f"[dim]{stats_line(st)} | context {st['context_tokens']}{note}[/dim]",
@@ -376,7 +376,7 @@ def command(session, text):
 def run(args):
     from rich.console import Console
 
-    from edgeprefill.apps.generate import read_prompt, validate_sampling
+    from edgeprefill.apps.shared import read_prompt, validate_sampling
     from edgeprefill.loading import load
 
     validate_sampling(args)

@@ -8,7 +8,7 @@ from edgeprefill.errors import EdgeprefillError
 
 
 def add_parser(sub):
-    from edgeprefill.apps.generate import add_kvp_tail_arg, add_model_args
+    from edgeprefill.apps.shared import add_kvp_tail_arg, add_model_args
 
     p = sub.add_parser("eval", help="quality of prefill strategies vs the exact prefill")
     add_model_args(p)
@@ -31,9 +31,9 @@ def run(args):
     from rich.console import Console
     from rich.table import Table
 
-    from edgeprefill.apps.bench import parse_list
-    from edgeprefill.apps.generate import strategy_options
-    from edgeprefill.apps.kvp import builtin_refs, evaluate_refs
+    from edgeprefill.apps.shared import parse_list
+    from edgeprefill.apps.shared import strategy_options
+    from edgeprefill.apps.shared import builtin_refs, evaluate_refs
     from edgeprefill.data import BUILTIN_PAIRS
     from edgeprefill.evaluate import NEAR_TIE
     from edgeprefill.flops import flops_options, strategy_flops

@@ -12,7 +12,7 @@ from edgeprefill.errors import EdgeprefillError
 
 
 def add_parser(sub):
-    from edgeprefill.apps.generate import add_model_args
+    from edgeprefill.apps.shared import add_model_args
     from edgeprefill.converters.coreml import COMPUTE_UNITS, LAYOUTS, QUANTIZE
 
     p = sub.add_parser("export", help="export to a Core ML .mlpackage (prefill, decode, "
@@ -158,7 +158,7 @@ def load_for_export(args):
     if not args.kvp:
         return lm, mirror, None, None, None
     from edgeprefill.kvp.artifact import load_artifact
-    from edgeprefill.mirror.kvp.aux import aux_to_torch
+    from edgeprefill.mirror.kvp.train import aux_to_torch
     from edgeprefill.mirror.kvp.predictor import predictor_to_torch
 
     path = args.kvp

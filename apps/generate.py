@@ -4,33 +4,10 @@ import json
 import sys
 
 from edgeprefill.apps.argtypes import fraction, non_negative, non_negative_float, positive
+from edgeprefill.apps.shared import (add_kvp_tail_arg, add_model_args, read_prompt,
+                                       stats_line, strategy_options, validate_sampling)
 from edgeprefill.errors import EdgeprefillError
 from edgeprefill.prefill import PARALLEL_STRATEGIES
-
-
-def add_model_args(p):
-    """--model / --dtype, shared by every command that loads a model."""
-    p.add_argument("--model", default="default",
-                   help="'default' (SmolLM2-135M-Instruct), an HF folder, a .gguf file or a hub id")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="activation/weight dtype (auto: float32 on CPU, as stored on GPU)")
-
-
-def add_kvp_tail_arg(p):
-    """--kvp-tail, shared by the commands that run kvp."""
-    p.add_argument("--kvp-tail", type=positive, default=None, metavar="T",
-                   help="kvp / runahead-kvp: the base runs the prompt's last T tokens itself, "
-                   "over the predicted cache of the rest (default: the pair's card; 1 is the "
-                   "paper; more costs more FLOPs and tracks the base closer)")
-
-
-def kvp_tail(args):
-    """--kvp-tail if given (checked), else None: the card decides."""
-    from edgeprefill.prefill import check_kvp_tail
-
-    tail = getattr(args, "kvp_tail", None)
-    check_kvp_tail(tail)
-    return tail
 
 
 def add_parser(sub):
@@ -60,41 +37,6 @@ def add_parser(sub):
     p.add_argument("--no-chat-template", action="store_true", help="encode the raw prompt")
     p.add_argument("--json", action="store_true", help="print one JSON object (text and stats)")
     p.set_defaults(run=run)
-
-
-def read_prompt(value):
-    """The --prompt value, or stdin for '-' (either must be UTF-8)."""
-    from edgeprefill.fsio import check_utf8, decode_utf8
-
-    if value == "-":
-        if sys.stdin is None or sys.stdin.isatty():
-            raise EdgeprefillError("--prompt - reads stdin, but nothing is piped: pipe the prompt in")
-        return decode_utf8(sys.stdin.buffer.read(), "the prompt on stdin")
-    return check_utf8(value, "--prompt")
-
-
-def validate_sampling(args):
-    from edgeprefill.generate import check_sampling
-
-    check_sampling(args.max_tokens, args.temp, args.top_p)
-
-
-def strategy_options(args, lm, name=None):
-    """make_strategy options from --kvp and --kvp-tail (kvp, aux-only, runahead-kvp)."""
-    from rich.console import Console
-
-    from edgeprefill.prefill import pair_options
-
-    err = Console(stderr=True)
-    return pair_options(lm, name or args.strategy, args.kvp, kvp_tail(args),
-                        say=lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
-
-
-def stats_line(stats):
-    """One human line: TTFT, prefill and decode speed."""
-    return (f"strategy {stats['strategy']} | prompt {stats['prompt_tokens']} tok | "
-            f"TTFT {stats['ttft_s'] * 1000:.0f} ms | prefill {stats['prefill_tok_s']:.1f} tok/s | "
-            f"decode {stats['generated_tokens']} tok, {stats['decode_tok_s']:.1f} tok/s")
 
 
 def run(args):

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 from edgeprefill.apps.argtypes import non_negative, positive, positive_float
+from edgeprefill.apps.shared import add_rank_arg, builtin_refs, evaluate_refs
 from edgeprefill.errors import EdgeprefillError
 
 from edgeprefill.kvp.pairs import (DEFAULT_AUX, build_predictor, check_rank,  # noqa: F401
@@ -20,15 +21,8 @@ def add_fit_args(p):
                    "(auto: hidden for T, kv for LP)")
 
 
-def add_rank_arg(p):
-    p.add_argument("--predictor-rank", type=positive, default=None, metavar="R",
-                   help="a low-rank predictor: one shared (input -> R) map, then R -> K/V per "
-                   "layer; the best rank-R approximation of the fit on the fitting text's "
-                   "inputs (hidden-state inputs; fewer FLOPs, see README)")
-
-
 def add_parser(sub):
-    from edgeprefill.apps.generate import add_model_args
+    from edgeprefill.apps.shared import add_model_args
 
     p = sub.add_parser("kvp", help="KV Prediction artifacts (fit, train, sweep)")
     ksub = p.add_subparsers(dest="kvp_command", metavar="ACTION", required=True)
@@ -89,44 +83,6 @@ def fit_artifact(lm, aux_spec, out, eval_refs=None, console=None, **options):
                                   **options)
 
 
-def evaluate_refs(lm, strategy, refs, console, label):
-    """Summary metrics of `strategy` over references, with a progress bar."""
-    from rich.progress import Progress
-
-    from edgeprefill.evaluate import score, summarize
-
-    rows = []
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(label, total=len(refs))
-        for ref in refs:
-            rows.append(score(lm.model, strategy, ref))
-            bar.advance(task)
-    greedy = len(refs[0].greedy) if refs else 0
-    return summarize(rows, greedy)
-
-
-def builtin_refs(lm, n_pairs, console, data=None, greedy_tokens=16):
-    """Exact-prefill references for held-out pairs (a JSONL file or the built-in set)."""
-    from rich.progress import Progress
-
-    from edgeprefill.data import heldout_pairs, read_pairs
-    from edgeprefill.evaluate import reference, tokenize_pairs
-
-    rows = read_pairs(data) if data else heldout_pairs(lm.tokenizer, n_pairs)
-    pairs = tokenize_pairs(lm.tokenizer, rows)[:n_pairs]
-    for p, c in pairs:
-        if len(p) + len(c) + greedy_tokens >= lm.model.max_context:
-            raise EdgeprefillError(f"an evaluation pair has {len(p) + len(c)} tokens, beyond "
-                                   f"the model's context {lm.model.max_context}: shorten it")
-    refs = []
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("exact prefill references", total=len(pairs))
-        for p, c in pairs:
-            refs.append(reference(lm.model, p, c, greedy_tokens))
-            bar.advance(task)
-    return refs
-
-
 def run_fit(args):
     from rich.console import Console
 
@@ -163,7 +119,7 @@ def run_sweep(args):
     from rich.console import Console
     from rich.table import Table
 
-    from edgeprefill.apps.bench import parse_list, write_json
+    from edgeprefill.apps.shared import parse_list, write_json
     from edgeprefill.data import BUILTIN_PAIRS
     from edgeprefill.flops import flops_options, strategy_flops
     from edgeprefill.kvp.artifact import load_artifact

@@ -7,7 +7,7 @@ def mirror_trainer(base, aux, pred, windows, train_aux, device, hp, copies=None)
     import torch
 
     from edgeprefill.errors import EdgeprefillError
-    from edgeprefill.mirror.kvp.aux import aux_to_torch
+    from edgeprefill.mirror.kvp.train import aux_to_torch
     from edgeprefill.mirror.kvp.predictor import predictor_to_torch
     from edgeprefill.mirror.kvp.train import Trainer, trainable_aux
     from edgeprefill.mirror.loading import mirror_from_mlx

@@ -9,8 +9,9 @@ from edgeprefill.errors import EdgeprefillError
 
 
 def add_train_parser(ksub):
-    from edgeprefill.apps.generate import add_model_args
-    from edgeprefill.apps.kvp import DEFAULT_AUX, add_rank_arg
+    from edgeprefill.apps.shared import add_model_args
+    from edgeprefill.apps.shared import add_rank_arg
+    from edgeprefill.kvp.pairs import DEFAULT_AUX
 
     t = ksub.add_parser("train", help="train predictor (and aux) with the paper's loss")
     add_model_args(t)
@@ -144,7 +145,7 @@ def run_train(args):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edgeprefill.apps.kvp import builtin_refs, evaluate_refs
+    from edgeprefill.apps.shared import builtin_refs, evaluate_refs
     from edgeprefill.kvp.pairs import (build_predictor, check_rank, default_artifact_path,
                                        resolve_source)
     from edgeprefill.prefill.kv_prediction import KVPrediction

@@ -25,7 +25,7 @@ RANDOM_PAIR = "random:T-0.50"  # runahead-kvp's artifact for random-weight shape
 
 
 def add_parser(sub):
-    from edgeprefill.apps.generate import add_model_args
+    from edgeprefill.apps.shared import add_model_args
 
     p = sub.add_parser("runahead", help="KV-Runahead: partition tuning, worker entry point")
     rsub = p.add_subparsers(dest="runahead_command", metavar="ACTION", required=True)
@@ -421,7 +421,7 @@ def random_kvp(lm, tail=1):
     """kvp with the random T-0.50 pair of a random-weight model, the same on every rank."""
     import mlx.core as mx
 
-    from edgeprefill.apps.bench import random_kvp_pair
+    from edgeprefill.bench import random_kvp_pair
     from edgeprefill.prefill import KVPrediction
 
     if not lm.model_id.startswith("random:"):
@@ -747,7 +747,9 @@ def run_tune(args):
     count; write the table, and with --json every timing (tsp too, and the link figures)."""
     from rich.console import Console
 
-    from edgeprefill.apps.bench import bench_prompt_sets, parse_list
+    from edgeprefill.apps.shared import parse_list
+
+    from edgeprefill.bench import bench_prompt_sets
     from edgeprefill.apps.info import machine_info
     from edgeprefill.fsio import atomic_write_text
 
@@ -858,7 +860,9 @@ def run_project(args):
     from rich.console import Console
     from rich.table import Table
 
-    from edgeprefill.apps.bench import bench_prompt_sets, parse_list
+    from edgeprefill.apps.shared import parse_list
+
+    from edgeprefill.bench import bench_prompt_sets
     from edgeprefill.apps.info import machine_info
     from edgeprefill.fsio import atomic_write_text
     from edgeprefill.prefill import FullPrefill

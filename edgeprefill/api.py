@@ -11,9 +11,11 @@ from typing import Optional
 
 import mlx.core as mx
 
-from edgeprefill import generate as _gen
-from edgeprefill import loading
 from edgeprefill.errors import EdgeprefillError
+from edgeprefill.generate import build_prompt, check_context, check_sampling
+from edgeprefill.generate import stream_generate as stream_tokens
+from edgeprefill.loading import LoadedModel
+from edgeprefill.loading import load as load_model
 from edgeprefill.prefill import strategy_for
 from edgeprefill.prefill.base import PrefillStats
 from edgeprefill.prefill.lazy import LazyCache
@@ -30,7 +32,7 @@ def load(path_or_hf_repo="default", dtype="auto"):
         LoadedModel: `.tokenizer` (mlx-lm's TokenizerWrapper), `.mlx_model` (the mlx-lm model,
         for mlx_lm.generate), `.model` (edgeprefill's per-layer view), `.config`.
     """
-    return loading.load(path_or_hf_repo, dtype=dtype)
+    return load_model(path_or_hf_repo, dtype=dtype)
 
 
 @dataclass
@@ -77,7 +79,7 @@ class PrefillResult:
 
 
 def _loaded(model):
-    if not isinstance(model, loading.LoadedModel):
+    if not isinstance(model, LoadedModel):
         raise EdgeprefillError(f"expected a model from edgeprefill.load(), got "
                                f"{type(model).__name__}: load it with edgeprefill.load(...)")
     return model
@@ -87,7 +89,7 @@ def _token_ids(model, prompt, system=None, chat_template=True):
     """Token ids of a prompt: a str goes through the chat template (as the CLI does); a list
     (or array) of ints is used as given."""
     if isinstance(prompt, str):
-        return _gen.build_prompt(model.tokenizer, prompt, system=system,
+        return build_prompt(model.tokenizer, prompt, system=system,
                                  chat_template=chat_template)
     try:
         ids = [int(t) for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
@@ -125,11 +127,11 @@ def stream_generate(model, prompt, strategy="full", max_tokens=256, temp=0.0, to
     """
     model = _loaded(model)
     ids = _token_ids(model, prompt, system, chat_template)
-    _gen.check_sampling(max_tokens, temp, top_p)
+    check_sampling(max_tokens, temp, top_p)
     strat = _strategy(model, strategy, kvp, kvp_tail, strategy_options)
     n, t_first = 0, None
-    for event in _gen.stream_generate(model.model, model.tokenizer, ids, strat,
-                                      max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed):
+    for event in stream_tokens(model.model, model.tokenizer, ids, strat, max_tokens=max_tokens,
+                               temp=temp, top_p=top_p, seed=seed):
         p = event.prefill
         if event.token is not None:
             n += 1
@@ -240,7 +242,7 @@ def prefill(model, tokens, strategy="full", kvp=None, kvp_tail=None, **strategy_
     if getattr(strat, "name", None) == "aux-only":
         raise EdgeprefillError("aux-only decodes with its aux model, so its cache does not fit "
                                "the base: use edgeprefill.generate(..., strategy='aux-only')")
-    _gen.check_context(len(ids), model.model.max_context)
+    check_context(len(ids), model.model.max_context)
     cache, logits, stats = strat.prefill(ids)
     return PrefillResult(mlx_lm_cache(cache), logits, stats)
 

@@ -7,6 +7,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from edgeprefill.errors import EdgeprefillError
+
 
 def _alive(pid):
     try:
@@ -111,8 +113,6 @@ def atomic_save_npy(path, array):
 def decode_utf8(data, what):
     """`data` (bytes) as text; a one-line error naming `what` and the first bad byte if it is
     not UTF-8."""
-    from edgeprefill.errors import EdgeprefillError
-
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -127,8 +127,26 @@ def check_utf8(text, what):
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        from edgeprefill.errors import EdgeprefillError
-
         raise EdgeprefillError(f"{what} is not valid UTF-8 (at character {e.start}): convert it "
                                "to UTF-8, e.g. with iconv -t UTF-8") from None
     return text
+
+
+def cache_dir():
+    """edgeprefill's cache folder: $EDGEPREFILL_CACHE, else $XDG_CACHE_HOME/edgeprefill (made
+    if missing); a one-line error names the variable when it cannot be written."""
+    if os.environ.get("EDGEPREFILL_CACHE"):
+        path, origin = Path(os.environ["EDGEPREFILL_CACHE"]).expanduser(), "EDGEPREFILL_CACHE"
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        path, origin = Path(base) / "edgeprefill", "the default"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path, os.W_OK | os.X_OK)
+        reason = "no write permission"
+    except OSError as e:
+        writable, reason = False, e.strerror or type(e).__name__
+    if not writable:
+        raise EdgeprefillError(f"the cache folder {path} ({origin}) cannot be written ({reason}): "
+                               "set EDGEPREFILL_CACHE to a writable folder")
+    return path

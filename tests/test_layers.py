@@ -60,3 +60,43 @@ def test_the_library_never_names_the_old_top_level_packages():
     stray = [f"{path.relative_to(ROOT)}: {t}" for _, path in modules.values()
              for t in imports_of(path) if t.split(".")[0] in ("apps", "converters")]
     assert not stray, stray
+
+
+def import_cycles(modules):
+    """Groups of project modules that import one another in a circle (Tarjan's strongly
+    connected components over every import)."""
+    def target(name):
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {m: {target(t) for t in imports_of(p)} - {None, m} for m, (_, p) in modules.items()}
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+                on_stack.discard(group[-1])
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return groups
+
+
+def test_no_modules_import_one_another_in_a_circle():
+    cycles = import_cycles(module_layers())
+    assert not cycles, f"import cycles: {cycles}"

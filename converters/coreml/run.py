@@ -16,6 +16,16 @@ import platform
 import numpy as np
 
 
+def empty_states(program):
+    """Zero float16 states of the shapes the program declares."""
+    fn = next(iter(program.functions.values()))
+    out = {}
+    for name, var in fn.inputs.items():
+        if "state" in str(var.sym_type).lower():
+            out[name] = np.zeros(var.sym_type.wrapped_type().get_shape(), dtype=np.float16)
+    return out
+
+
 class PackageRunner:
     """Args:
         path: the .mlpackage.
@@ -41,7 +51,6 @@ class PackageRunner:
         else:
             from edgeprefill.converters.coreml.export import load_program
             from edgeprefill.converters.coreml.mil_interp import Interpreter
-            from edgeprefill.converters.coreml.verify import empty_states
 
             prog = program if program is not None else load_program(self.path)
             self.interp = Interpreter(prog)

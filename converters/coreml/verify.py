@@ -10,6 +10,8 @@ goes through `kvp_prefill` and the tail through `decode` (one token, the paper's
 
 import numpy as np
 
+from edgeprefill.converters.coreml.run import PackageRunner, empty_states
+
 
 def _chunks(ids, start, chunk):
     """Yield (padded (1, chunk) ids, position, last_index) covering ids from `start`."""
@@ -36,16 +38,6 @@ def decode_one(run, token, position, states):
              "position": np.array([position], dtype=np.int32),
              "last_index": np.array([0], dtype=np.int32)}
     return run("decode", feeds, states)
-
-
-def empty_states(program):
-    """Zero float16 states of the shapes the program declares."""
-    fn = next(iter(program.functions.values()))
-    out = {}
-    for name, var in fn.inputs.items():
-        if "state" in str(var.sym_type).lower():
-            out[name] = np.zeros(var.sym_type.wrapped_type().get_shape(), dtype=np.float16)
-    return out
 
 
 def compare(logits, ref, states=None, ref_cache=None, n=None):
@@ -118,7 +110,6 @@ def verify_package(path, mirror, predictor=None, aux=None, chunk=64, prompt_ids=
 def verify_kvp(path, prog, mirror, predictor, aux, chunk, ids, tail, context):
     """The package's KV Prediction of `ids` with an exact tail (PackageRunner.kvp_prefill, in
     the interpreter) against the mirror's KVPrediction; compare()'s fields and 'argmax'."""
-    from edgeprefill.converters.coreml.run import PackageRunner
     from edgeprefill.mirror.prefill.kv_prediction import KVPrediction
 
     strat = KVPrediction(mirror, aux, predictor, chunk_size=chunk, tail=tail)

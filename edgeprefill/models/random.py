@@ -106,7 +106,8 @@ def load_random(shape, family="llama", dtype="float32", seed=0):
     from mlx_lm.utils import _get_classes, load_tokenizer
 
     from edgeprefill.errors import EdgeprefillError
-    from edgeprefill.loading import LoadedModel, cache_dir
+    from edgeprefill.fsio import cache_dir
+    from edgeprefill.models.loaded import LoadedModel
     from edgeprefill.models import Transformer
 
     if shape not in SHAPES:

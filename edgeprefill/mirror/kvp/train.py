@@ -73,6 +73,19 @@ class AuxView(torch.nn.Module):
                 mine[name].copy_(torch.from_numpy(w))
 
 
+def aux_to_torch(aux, tbase):
+    """Mirror AuxModel of an MLX AuxModel made of `tbase`'s blocks (tbase: the mirror of the
+    MLX base): the base's own blocks, except an artifact's trained copies (aux.safetensors),
+    which are mirrored with their weights (frozen; view.train_copies(True) to train them)."""
+    copied = getattr(aux.model, "copied", None)
+    if not copied:
+        return AuxModel(tbase, aux.layers, aux.kind)
+    view = AuxView(tbase, copied)
+    view.load_aux_weights(aux.model.aux_weights())
+    view.train_copies(False)
+    return AuxModel(view, aux.layers, aux.kind)
+
+
 def trainable_aux(aux, layers=None):
     return AuxModel(AuxView(aux.model, aux.layers if layers is None else layers), aux.layers,
                     aux.kind)
