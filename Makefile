@@ -75,7 +75,7 @@ lock:
 	@{ echo "# Pinned versions for make demo / make test (pip -c). Regenerate: make lock"; \
 	  .lock-venv/bin/python -m pip freeze --exclude edgeprefill | sed -E 's/\+[a-z0-9.]+$$//'; \
 	} > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
-	rm -rf .lock-venv
+	rm -rf .lock-venv build
 
 # The paper's layer-pruned KV Prediction pairs for the default model (LP-0.50, LP-0.25); the
 # default T-0.50 pair ships trained and is installed by the first --strategy kvp.
