@@ -80,19 +80,17 @@ def add_train_parser(ksub):
 
 
 def _check(args):
-    if args.steps < 1 or args.batch < 1 or args.seq < 8 or args.lr <= 0:
-        raise EdgeprefillError("--steps and --batch must be >= 1, --seq >= 8, --lr > 0")
+    # signs and ranges of single flags are checked when parsed (argtypes); here what they must
+    # satisfy together
+    if args.seq < 8:
+        raise EdgeprefillError("--seq must be >= 8")
     if args.tokens < args.seq + 1:
         raise EdgeprefillError("--tokens must be larger than --seq")
-    if args.train_aux_layers < 0 or args.aux_weight < 0 or args.kv_weight < 0:
-        raise EdgeprefillError("--train-aux-layers, --aux-weight and --kv-weight must be >= 0")
     if args.precision != "auto" and args.backend != "mirror":
         raise EdgeprefillError("--precision is for --backend mirror; the MLX trainer runs in "
                                "the model's --dtype")
     if args.train_aux_layers and args.train_aux == "no":
         raise EdgeprefillError("--train-aux-layers trains aux blocks: drop --train-aux no")
-    if args.tail < 1 or (args.train_tail is not None and args.train_tail < 1):
-        raise EdgeprefillError("--tail and --train-tail must be >= 1")
     if args.train_tail not in (None, 1) and args.self_kv != "exact":
         raise EdgeprefillError("--train-tail needs --self-kv exact (the tail's own K/V are "
                                "exact): drop --self-kv predicted or --train-tail")

@@ -229,16 +229,21 @@ def last_lines(text, n=3, width=300):
     return " | ".join(lines)[-width:]
 
 
+def kill_groups(procs):
+    """SIGKILL each worker's process group (each was started in a session of its own)."""
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _wait(procs, timeout):
     """Wait for every process; on a failure, the timeout or an interrupt kill them all."""
     try:
         return _wait_all(procs, timeout)
     except BaseException:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_groups(procs)
         raise
 
 
@@ -254,11 +259,7 @@ def _wait_all(procs, timeout):
     deadline = time.monotonic() + timeout
 
     def kill_all():
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_groups(procs)
         for t in threads:
             t.join(5)
 
@@ -657,7 +658,7 @@ class RunaheadPool:
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                kill_groups([p])
         self.procs = []
         self.log.close()
         self._cleanup()
