@@ -51,7 +51,7 @@ chat: $(CORE)
 	$(BIN)/edgeprefill chat --model default --strategy $(STRATEGY)
 
 test: $(FULL)
-	$(BIN)/python -m pytest -q -n 2 tests
+	$(BIN)/python -m pytest -q -n 2 tests/unit tests/cli
 
 bench: $(FULL)
 	$(BIN)/edgeprefill bench --model default --strategies full,mlx-lm,kvp,aux-only \

@@ -5,7 +5,8 @@ import sys
 
 from edgeprefill.errors import EdgeprefillError
 
-COMMANDS = ("generate", "chat", "bench", "eval", "info", "kvp", "runahead", "export")
+COMMANDS = ("generate", "chat", "bench", "eval", "strategies", "info", "kvp", "runahead",
+            "export")
 
 
 class OneLineErrors(argparse.ArgumentParser):

@@ -8,15 +8,11 @@ from edgeprefill.errors import EdgeprefillError
 
 
 def add_parser(sub):
-    from edgeprefill.apps.shared import add_kvp_tail_arg, add_model_args
+    from edgeprefill.apps.shared import add_model_args, add_strategy_args
 
     p = sub.add_parser("eval", help="quality of prefill strategies vs the exact prefill")
     add_model_args(p)
-    p.add_argument("--strategy", default="kvp",
-                   help="strategy, or a comma list: full, kvp, aux-only, lazy (default kvp)")
-    p.add_argument("--kvp", default=None, metavar="FOLDER",
-                   help="KV Prediction artifact for kvp / aux-only (default: the default pair)")
-    add_kvp_tail_arg(p)
+    add_strategy_args(p, default="kvp")  # a comma list of strategies here
     p.add_argument("--data", default=None, metavar="FILE.jsonl",
                    help='{"prompt", "continuation"} lines (default: 40 built-in held-out pairs '
                    "of code and prose, ~384-token prompts)")
@@ -31,33 +27,36 @@ def run(args):
     from rich.console import Console
     from rich.table import Table
 
-    from edgeprefill.apps.shared import parse_list
-    from edgeprefill.apps.shared import strategy_options
-    from edgeprefill.apps.shared import builtin_refs, evaluate_refs
+    from edgeprefill.apps.shared import (build_strategy, builtin_refs, command_line,
+                                         evaluate_refs, parse_list)
+    from edgeprefill.machine import machine_info, now
     from edgeprefill.data import BUILTIN_PAIRS
-    from edgeprefill.evaluate import NEAR_TIE
-    from edgeprefill.flops import flops_options, strategy_flops
+    from edgeprefill.flops import prefill_flops
     from edgeprefill.loading import load
-    from edgeprefill.prefill import make_strategy
+    from edgeprefill.prefill.registry import flops, parse
+    from edgeprefill.quality import NEAR_TIE
 
     names = parse_list(args.strategy, str, "--strategy")
     if args.pairs < 1 or args.greedy_tokens < 1:
         raise EdgeprefillError("--pairs and --greedy-tokens must be >= 1")
+    for n in names:
+        parse(n)
     lm = load(args.model, dtype=args.dtype)
     console = Console(stderr=True)
-    strategies = [make_strategy(n, lm.model, **strategy_options(args, lm, n)) for n in names]
+    strategies = [build_strategy(args, lm, n, console) for n in names]
     refs = builtin_refs(lm, args.pairs, console, args.data, args.greedy_tokens)
     n_prompt = round(sum(len(r.prompt) for r in refs) / len(refs))
     results = []
     for name, strategy in zip(names, strategies):
         q = evaluate_refs(lm, strategy, refs, console, f"evaluating {name}")
-        fl = strategy_flops(name, lm.config, n_prompt, **flops_options(strategy))
-        full = strategy_flops("full", lm.config, n_prompt)
+        fl = flops(name, strategy, lm.config, n_prompt)
+        full = prefill_flops(lm.config, n_prompt)
         aux = getattr(strategy, "aux", None)
         results.append({"strategy": name, "aux": aux.kind if aux else None,
                         **({"tail": strategy.tail} if hasattr(strategy, "tail") else {}),
                         "ttft_flops": fl, "flops_ratio": fl / full if fl else None, **q})
-    payload = {"model": lm.model_id, "data": args.data or BUILTIN_PAIRS,
+    payload = {"command": command_line(), "date": now(), "machine": machine_info(),
+               "model": lm.model_id, "data": args.data or BUILTIN_PAIRS,
                "prompt_tokens_mean": n_prompt, "results": results}
     if args.json:
         print(json.dumps(payload, indent=2))

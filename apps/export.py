@@ -151,15 +151,15 @@ def held_out_prompt(lm, chunk):
 def load_for_export(args):
     """(LoadedModel, mirror Transformer, torch predictor or None, mirror aux or None, card)."""
     from edgeprefill.loading import load
-    from edgeprefill.mirror.loading import mirror_from_mlx
+    from edgeprefill.mirror.convert import mirror_from_mlx
 
     lm = load(args.model, dtype="float32")
     mirror = mirror_from_mlx(lm.model)
     if not args.kvp:
         return lm, mirror, None, None, None
     from edgeprefill.kvp.artifact import load_artifact
-    from edgeprefill.mirror.kvp.train import aux_to_torch
-    from edgeprefill.mirror.kvp.predictor import predictor_to_torch
+    from edgeprefill.mirror.convert import aux_to_torch
+    from edgeprefill.mirror.convert import predictor_to_torch
 
     path = args.kvp
     if path == "default":

@@ -121,7 +121,8 @@ def run_sweep(args):
 
     from edgeprefill.apps.shared import parse_list, write_json
     from edgeprefill.data import BUILTIN_PAIRS
-    from edgeprefill.flops import flops_options, strategy_flops
+    from edgeprefill.flops import prefill_flops
+    from edgeprefill.prefill.registry import flops
     from edgeprefill.kvp.artifact import load_artifact
     from edgeprefill.loading import load
     from edgeprefill.prefill.aux_only import AuxOnly
@@ -134,7 +135,7 @@ def run_sweep(args):
     console = Console(stderr=True)
     refs = builtin_refs(lm, args.pairs, console, args.data)
     n_prompt = round(sum(len(r.prompt) for r in refs) / len(refs))
-    full_flops = strategy_flops("full", lm.config, n_prompt)
+    full_flops = prefill_flops(lm.config, n_prompt)
     records = [{"aux": "-", "strategy": "full", "predictor_input": "-", "ttft_flops": full_flops,
                 "flops_ratio": 1.0, "ttft_s": sum(r.ttft_s for r in refs) / len(refs),
                 "first_token_agreement": 1.0, "first_token_kl": 0.0, "nll_ratio": 1.0,
@@ -149,7 +150,7 @@ def run_sweep(args):
         aux, pred, _ = load_artifact(out, lm.model)
         for strategy in (KVPrediction(lm.model, aux, pred), AuxOnly(lm.model, aux)):
             q = evaluate_refs(lm, strategy, refs, console, f"{strategy.name} {aux.kind}")
-            fl = strategy_flops(strategy.name, lm.config, n_prompt, **flops_options(strategy))
+            fl = flops(strategy.name, strategy, lm.config, n_prompt)
             records.append({"aux": aux.kind, "strategy": strategy.name,
                             "predictor_input": source if strategy.name == "kvp" else "-",
                             "ttft_flops": fl, "flops_ratio": fl / full_flops,

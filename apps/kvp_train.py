@@ -1,11 +1,14 @@
 """`edgeprefill kvp train`: gradient training of a KV Prediction pair (the paper's loss), on
-MLX or on the torch mirror (CPU or an NVIDIA GPU), with resumable checkpoints."""
+MLX or on the torch mirror (CPU or an NVIDIA GPU), one run or a recipe of stages
+(edgeprefill.kvp.recipe does the work; this parses and shows progress)."""
 
-import json
+import argparse
 from pathlib import Path
 
 from edgeprefill.apps.argtypes import non_negative, non_negative_float, positive, positive_float
-from edgeprefill.errors import EdgeprefillError
+
+S = argparse.SUPPRESS  # a flag not given is absent: the recipe's value (or the default) holds
+CONTROL = ("command", "kvp_command", "run", "model", "dtype", "recipe", "out")
 
 
 def add_train_parser(ksub):
@@ -13,285 +16,120 @@ def add_train_parser(ksub):
     from edgeprefill.apps.shared import add_rank_arg
     from edgeprefill.kvp.pairs import DEFAULT_AUX
 
-    t = ksub.add_parser("train", help="train predictor (and aux) with the paper's loss")
+    t = ksub.add_parser("train", help="train predictor (and aux) with the paper's loss, or "
+                        "run a recipe of training stages")
     add_model_args(t)
-    t.add_argument("--aux", default=DEFAULT_AUX, help="aux kind (LP-0.50, T-0.25, ...)")
-    t.add_argument("--input", default="auto", choices=["auto", "kv", "hidden", "hidden-in",
+    t.add_argument("--recipe", default=None, metavar="FILE.yaml",
+                   help="run every stage of a recipe (recipes/smollm2-135m-t050.yaml makes the "
+                   "shipped pair); flags given beside it override every stage")
+    t.add_argument("--stop-step", type=positive, default=S,
+                   help="stop at this step (the learning-rate schedule still spans --steps)")
+    t.add_argument("--aux", default=S, help="aux kind (LP-0.50, T-0.25, ...)")
+    t.add_argument("--input", default=S, choices=["auto", "kv", "hidden", "hidden-in",
                                                       "hidden2"],
                    help="predictor input (auto: hidden for T, kv for LP)")
-    t.add_argument("--init", default=None, metavar="FOLDER",
+    t.add_argument("--init", default=S, metavar="FOLDER",
                    help="start from this artifact's predictor (default: a ridge fit first)")
     add_rank_arg(t)
-    t.add_argument("--train-aux", default="auto", choices=["auto", "yes", "no"],
+    t.add_argument("--train-aux", default=S, choices=["auto", "yes", "no"],
                    help="train copies of the aux's blocks too (auto: yes for LP, no for T, "
                    "whose aux is the base's own exact layers)")
-    t.add_argument("--train-aux-layers", type=non_negative, default=0, metavar="K",
+    t.add_argument("--train-aux-layers", type=non_negative, default=S, metavar="K",
                    help="train copies of only the aux's last K blocks (implies --train-aux "
                    "yes; 0: all of them); with --init, K beyond the pair's trained copies "
                    "adds copies of the blocks before them")
-    t.add_argument("--aux-weight", type=non_negative_float, default=1.0,
+    t.add_argument("--aux-weight", type=non_negative_float, default=S,
                    help="weight of the aux's own loss term (the paper: 1; 0 for an aux that "
                    "only feeds the predictor, like a truncated one)")
-    t.add_argument("--kv-weight", type=non_negative_float, default=1.0,
+    t.add_argument("--kv-weight", type=non_negative_float, default=S,
                    help="weight of the K/V consistency term, the L1 averaged over layers "
                    "(the paper: 1)")
-    t.add_argument("--self-kv", default="exact", choices=["exact", "predicted"],
+    t.add_argument("--self-kv", default=S, choices=["exact", "predicted"],
                    help="what each position attends to at its own position in training: its "
                    "own exact K/V, as the prompt's last token does at inference (default), or "
                    "its predicted K/V (the paper)")
-    t.add_argument("--steps", type=positive, default=200)
-    t.add_argument("--batch", type=positive, default=8)
-    t.add_argument("--seq", type=positive, default=256, help="tokens per training sequence")
-    t.add_argument("--lr", type=positive_float, default=3e-4)
-    t.add_argument("--objective", default="ce", choices=["ce", "kl"],
+    t.add_argument("--steps", type=positive, default=S)
+    t.add_argument("--batch", type=positive, default=S)
+    t.add_argument("--seq", type=positive, default=S, help="tokens per training sequence")
+    t.add_argument("--lr", type=positive_float, default=S)
+    t.add_argument("--objective", default=S, choices=["ce", "kl"],
                    help="ce: the paper's next-token CE terms; kl: distil the exact base (KL), "
                    "which cannot overfit a small corpus by fine-tuning the base onto it")
-    t.add_argument("--warmup", type=non_negative, default=20)
-    t.add_argument("--tokens", type=positive, default=300000,
+    t.add_argument("--warmup", type=non_negative, default=S)
+    t.add_argument("--tokens", type=positive, default=S,
                    help="fitting text to sample training windows from")
-    t.add_argument("--data", default="default", choices=["default", "wide", "site"],
+    t.add_argument("--data", default=S, choices=["default", "wide", "site"],
                    help="fitting text: default (31 stdlib modules + prose), wide (every "
                    "stdlib module but the held-out ones, ~3M tokens of code) or site (wide "
                    "plus the installed packages' sources and descriptions, up to --tokens)")
-    t.add_argument("--ridge-tokens", type=positive, default=30000)
-    t.add_argument("--tail", type=positive, default=1,
+    t.add_argument("--ridge-tokens", type=positive, default=S)
+    t.add_argument("--tail", type=positive, default=S,
                    help="exact tail recorded in the card: the base runs the prompt's last TAIL "
                    "tokens itself at inference")
-    t.add_argument("--train-tail", type=positive, default=None, metavar="T",
+    t.add_argument("--train-tail", type=positive, default=S, metavar="T",
                    help="train for every exact tail from 1 to T (with --self-kv exact; "
                    "default: --tail, so training matches the card)")
-    t.add_argument("--seed", type=non_negative, default=0)
-    t.add_argument("--backend", default="mlx", choices=["mlx", "mirror"])
-    t.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+    t.add_argument("--seed", type=non_negative, default=S)
+    t.add_argument("--backend", default=S, choices=["mlx", "mirror"])
+    t.add_argument("--device", default=S, choices=["cpu", "cuda"],
                    help="mirror backend device")
-    t.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    t.add_argument("--precision", default=S, choices=["auto", "fp32", "bf16"],
                    help="mirror backend: bf16 runs the matmuls under bfloat16 autocast "
                    "(float32 weights, norms, logits and losses); auto: bf16 on cuda, else fp32")
-    t.add_argument("--checkpoint-every", type=positive, default=50)
-    t.add_argument("--time-limit", type=positive_float, default=None, metavar="SECONDS",
+    t.add_argument("--checkpoint-every", type=positive, default=S)
+    t.add_argument("--time-limit", type=positive_float, default=S, metavar="SECONDS",
                    help="stop (checkpoint and write the artifact) after this long")
-    t.add_argument("--resume", action="store_true",
+    t.add_argument("--resume", action="store_true", default=S,
                    help="continue from OUT.ckpt (written every --checkpoint-every steps)")
-    t.add_argument("--eval-pairs", type=non_negative, default=16,
+    t.add_argument("--eval-pairs", type=non_negative, default=S,
                    help="held-out pairs to measure quality on for the card (0: skip)")
     t.add_argument("--out", default=None, help="artifact folder (default: the cache path of "
                    "this aux kind, '-trained' appended)")
     t.set_defaults(run=run_train)
 
 
-def _check(args):
-    # signs and ranges of single flags are checked when parsed (argtypes); here what they must
-    # satisfy together
-    if args.seq < 8:
-        raise EdgeprefillError("--seq must be >= 8")
-    if args.tokens < args.seq + 1:
-        raise EdgeprefillError("--tokens must be larger than --seq")
-    if args.precision != "auto" and args.backend != "mirror":
-        raise EdgeprefillError("--precision is for --backend mirror; the MLX trainer runs in "
-                               "the model's --dtype")
-    if args.train_aux_layers and args.train_aux == "no":
-        raise EdgeprefillError("--train-aux-layers trains aux blocks: drop --train-aux no")
-    if args.train_tail not in (None, 1) and args.self_kv != "exact":
-        raise EdgeprefillError("--train-tail needs --self-kv exact (the tail's own K/V are "
-                               "exact): drop --self-kv predicted or --train-tail")
-    if _train_tail(args) >= args.seq:
-        raise EdgeprefillError(f"--train-tail {_train_tail(args)} (default: --tail) must be below "
-                               f"--seq {args.seq}, or no position trains on predicted K/V: pass "
-                               "a smaller --train-tail or a longer --seq")
-
-
-def _train_tail(args):
-    """The exact tail trained for: --train-tail, else --tail with --self-kv exact, else 1."""
-    if args.train_tail is not None:
-        return args.train_tail
-    return args.tail if args.self_kv == "exact" else 1
-
-
-def _grown(aux, k):
-    """--init with trained copies and --train-aux-layers K: the aux with copies of its last K
-    blocks, the init's trained copies kept (an error if K would drop one)."""
-    from edgeprefill.kvp.train import grow_copies
-
-    want = aux.layers[-k:]
-    have = aux.model.copied
-    if set(want) == set(have):
-        return aux
-    if not set(have) <= set(want):
-        need = len(aux.layers) - min(aux.layers.index(h) for h in have)
-        raise EdgeprefillError(f"--train-aux-layers {k}: the --init pair already trains aux "
-                               f"blocks {have}; pass at least {need} to keep them")
-    return grow_copies(aux, want)
-
-
-def _reduced(lm, aux, pred, rank, tokens, console):
-    """--init with a full-rank predictor and --predictor-rank: its best rank-R approximation
-    on the inputs of `tokens` tokens of the default fitting text."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from edgeprefill.data import fit_chunks
-    from edgeprefill.kvp.fit import input_moments, reduce_rank
-
-    chunks = fit_chunks(lm.tokenizer, tokens, 256)
-    with Progress(TextColumn(f"rank {rank} init {{task.description}}"), BarColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("input moments", total=sum(len(c) for c in chunks))
-        moments = input_moments(aux, pred, chunks, lambda d: bar.update(task, completed=d))
-    return reduce_rank(pred, rank, moments)
-
-
 def run_train(args):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edgeprefill.apps.shared import builtin_refs, evaluate_refs
-    from edgeprefill.kvp.pairs import (build_predictor, check_rank, default_artifact_path,
-                                       resolve_source)
-    from edgeprefill.prefill.kv_prediction import KVPrediction
-    from edgeprefill.data import (BUILTIN_PAIRS, FIT_DATA, SITE_FIT_DATA, WIDE_FIT_DATA,
-                                  fit_chunks)
-    from edgeprefill.kvp.artifact import load_artifact, save_artifact
-    from edgeprefill.kvp.aux import parse_aux_kind
-    from edgeprefill.kvp.fit import fit_ridge
+    from edgeprefill.kvp.pairs import default_artifact_path, resolve_source
+    from edgeprefill.kvp.recipe import TrainConfig, load_recipe, run_recipe, train_pair
     from edgeprefill.loading import cache_dir, load
 
-    _check(args)
-    kind, _ = parse_aux_kind(args.aux)
-    source = resolve_source(args.aux, args.input)
-    rank = args.predictor_rank
-    check_rank(rank, source)
-    train_aux = (args.train_aux == "yes" or args.train_aux_layers > 0
-                 or (args.train_aux == "auto" and kind != "T"))
-    lm = load(args.model, dtype=args.dtype)
-    base = lm.model
+    given = {k: v for k, v in vars(args).items() if k not in CONTROL and v is not None}
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    if recipe is None:
+        TrainConfig(**given).check()  # before loading the model
+    model = args.model if args.model != "default" or not recipe else recipe.get("model", "default")
+    lm = load(model, dtype=args.dtype)
     console = Console(stderr=True)
-    out = Path(args.out) if args.out else Path(
-        str(default_artifact_path(lm.model_id, args.aux, source, rank)) + "-trained")
-    ckpt = Path(str(out) + ".ckpt")
-    if args.resume and not (ckpt / "state.json").is_file():
-        raise EdgeprefillError(f"--resume but no checkpoint at {ckpt}: run without --resume")
+    say = lambda msg: console.print(msg, highlight=False)  # noqa: E731
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn(
+            "{task.completed}/{task.total}"), TextColumn("{task.fields[loss]}"),
+            TimeElapsedColumn(), console=console) as bar:
+        tasks = {}
 
-    aux, pred = build_predictor(base, args.aux, source, rank=rank if args.resume else None)
-    rank_init = None
-    if args.train_aux_layers > len(aux.layers):
-        raise EdgeprefillError(f"--train-aux-layers {args.train_aux_layers}: the aux has only "
-                               f"{len(aux.layers)} blocks")
-    if args.init:
-        init_aux, pred, card = load_artifact(args.init, base)
-        if init_aux.kind != aux.kind or pred.source != source:
-            raise EdgeprefillError(f"--init artifact is {init_aux.kind}/{pred.source}, not "
-                                   f"{aux.kind}/{source}: pick a matching one")
-        aux = init_aux
-        init_fit = card.get("fit", {})
-        if rank and pred.rank not in (None, rank):
-            raise EdgeprefillError(f"--predictor-rank {rank}: the --init pair's predictor has "
-                                   f"rank {pred.rank}; pass --predictor-rank {pred.rank} or "
-                                   "drop the option")
-        if hasattr(aux.model, "copied"):  # the pair's trained copies train on with it
-            if args.train_aux == "no":
-                raise EdgeprefillError(f"--train-aux no: the --init pair's aux blocks "
-                                       f"{aux.model.copied} are trained copies, which train on "
-                                       "with the predictor; drop --train-aux no")
-            train_aux = True
-            if args.train_aux_layers:
-                aux = _grown(aux, args.train_aux_layers)
-        if rank and not pred.rank:  # resuming: the checkpoint holds the low-rank weights
-            pred = (build_predictor(base, args.aux, source, rank=rank)[1] if args.resume
-                    else _reduced(lm, aux, pred, rank, args.ridge_tokens, console))
-            rank_init = {"from": "the --init pair's full-rank predictor", "rank": rank,
-                         "moments_tokens": args.ridge_tokens}  # (a resumed run's start too)
-    elif not args.resume:
-        chunks = fit_chunks(lm.tokenizer, args.ridge_tokens, 256)
-        with Progress(TextColumn("ridge init {task.description}"), BarColumn(),
-                      TimeElapsedColumn(), console=console, transient=True) as bar:
-            task = bar.add_task(aux.kind, total=sum(len(c) for c in chunks))
-            pred, _ = fit_ridge(base, aux, pred, chunks, rank=rank,
-                                progress=lambda d: bar.update(task, completed=d))
-    with console.status(f"fitting text: {args.tokens} tokens of the {args.data} set "
-                        "(tokenized once, then read from the cache)"):
-        windows = fit_chunks(lm.tokenizer, args.tokens, args.seq + 1, data=args.data,
-                             cache=cache_dir() / "data")
-    if len(windows) < 2:
-        raise EdgeprefillError("too little fitting text for these --tokens/--seq")
+        def progress(label, done, total):
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total, loss="")
+            bar.update(tasks[label], completed=done, total=total)
 
-    log_path = Path(str(out) + ".train.jsonl")
-    hp = dict(batch=args.batch, steps=args.steps, lr=args.lr, warmup=args.warmup,
-              seed=args.seed, objective=args.objective, aux_weight=args.aux_weight,
-              kv_weight=args.kv_weight, self_kv=args.self_kv, window=_train_tail(args))
-    copies = aux.layers[-args.train_aux_layers:] if args.train_aux_layers else None
-    if args.backend == "mlx":
-        from edgeprefill.kvp.train import Trainer, trainable_aux
+        def on_step(rec):
+            progress("training", rec["step"], rec.get("steps") or rec["step"])
+            bar.update(tasks["training"], loss=f"loss {rec['loss']:.3f} (base {rec['base']:.3f}"
+                       f", aux {rec['aux']:.3f}, L1 {rec['l1']:.4f})")
 
-        t_aux = (trainable_aux(aux, copies) if train_aux and not hasattr(aux.model, "copied")
-                 else aux)
-        trainer = Trainer(base, t_aux, pred, windows, **hp)
-    else:
-        from edgeprefill.apps.kvp_mirror import mirror_trainer
-
-        precision = (("bf16" if args.device == "cuda" else "fp32") if args.precision == "auto"
-                     else args.precision)
-        trainer, t_aux = mirror_trainer(base, aux, pred, windows, train_aux, args.device,
-                                        {**hp, "precision": precision}, copies)
-    if args.resume:
-        trainer.load_checkpoint(ckpt)
-        console.print(f"resumed from {ckpt} at step {trainer.step}")
-    if not args.resume and log_path.exists():
-        log_path.unlink()
-    lines = []
-
-    with Progress(TextColumn("training {task.description}"), BarColumn(),
-                  TextColumn("step {task.completed}/{task.total}"), TextColumn("{task.fields[loss]}"),
-                  TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task(f"{aux.kind} ({source})", total=args.steps,
-                            completed=trainer.step, loss="")
-
-        def log(rec):
-            lines.append(json.dumps(rec))
-            bar.update(task, completed=rec["step"],
-                       loss=f"loss {rec['loss']:.3f} (base {args.objective} {rec['base']:.3f}"
-                            f", aux {rec['aux']:.3f}, L1 {rec['l1']:.4f})")
-            if (rec["step"] % args.checkpoint_every == 0 or rec["step"] == args.steps
-                    or (args.time_limit and rec["elapsed_s"] >= args.time_limit)):
-                with open(log_path, "a") as f:  # the loss log grows with the checkpoints
-                    f.write("".join(x + "\n" for x in lines))
-                lines.clear()
-
-        trainer.run(log=log, checkpoint=ckpt, every=args.checkpoint_every,
-                    time_limit=args.time_limit)
-
-    if args.backend == "mirror":
-        from edgeprefill.apps.kvp_mirror import export_trained
-
-        pred, aux_weights, q_aux = export_trained(trainer, base, aux, pred, train_aux)
-    else:
-        aux_weights = t_aux.model.aux_weights() if hasattr(t_aux.model, "copied") else None
-        q_aux = t_aux
-    quality = {}
-    if args.eval_pairs > 0:
-        refs = builtin_refs(lm, args.eval_pairs, console)
-        strategy = KVPrediction(base, q_aux, pred)
-        strategy.tail = args.tail
-        quality = evaluate_refs(lm, strategy, refs, console, "evaluating")
-        quality["data"] = BUILTIN_PAIRS
-    fit_info = {"method": "ridge+gradient" if not args.init else "gradient",
-                "backend": args.backend if args.backend == "mlx" else f"mirror-{args.device}",
-                **({"precision": trainer.precision} if args.backend == "mirror" else {}),
-                "steps": trainer.step, "batch": args.batch, "seq": args.seq, "lr": args.lr,
-                "tokens_seen": trainer.step * args.batch * args.seq,
-                "objective": args.objective, "train_aux": train_aux,
-                "aux_weight": args.aux_weight, "kv_weight": args.kv_weight,
-                "self_kv": args.self_kv, "train_tail": _train_tail(args),
-                "data": {"default": FIT_DATA, "wide": WIDE_FIT_DATA,
-                         "site": SITE_FIT_DATA}[args.data],
-                "data_tokens": len(windows) * (args.seq + 1),
-                "log": log_path.name}
-    if args.init:  # what training continued from
-        fit_info["init"] = {"artifact": Path(args.init).name, **{
-            k: init_fit[k] for k in ("method", "steps", "data") if k in init_fit}}
-    if rank_init:  # the predictor was reduced to low rank before training
-        fit_info["rank_init"] = rank_init
-    save_artifact(out, pred, aux, base, lm.model_id, fit_info, quality, tail=args.tail,
-                  aux_weights=aux_weights)
+        if recipe:
+            out = Path(args.out) if args.out else cache_dir() / "kvp" / recipe.get("name", "recipe")
+            out, quality = run_recipe(lm, recipe, out, given, say=say, progress=progress,
+                                      on_step=on_step)
+        else:
+            cfg = TrainConfig(**given)
+            rank = cfg.predictor_rank
+            out = Path(args.out) if args.out else Path(str(default_artifact_path(
+                lm.model_id, cfg.aux, resolve_source(cfg.aux, cfg.input), rank)) + "-trained")
+            out, quality = train_pair(lm, cfg, out, say, progress, on_step)
     q = (f"; held-out agreement {quality['first_token_agreement']:.2f}, NLL ratio "
          f"{quality['nll_ratio']:.2f}" if quality else "")
-    console.print(f"wrote {out} ({aux.kind}, {source}, {trainer.step} steps{q})")
+    say(f"wrote {out}{q}")
     return 0

@@ -26,11 +26,53 @@ def add_kvp_tail_arg(p):
 
 def kvp_tail(args):
     """--kvp-tail if given (checked), else None: the card decides."""
-    from edgeprefill.prefill import check_kvp_tail
+    from edgeprefill.prefill.kv_prediction import check_tail
 
     tail = getattr(args, "kvp_tail", None)
-    check_kvp_tail(tail)
+    check_tail(tail)
     return tail
+
+
+def add_strategy_args(p, default="full"):
+    """--strategy (help read from the registry) and the options strategies take."""
+    from edgeprefill.prefill.registry import help_text
+
+    p.add_argument("--strategy", default=default, help=help_text().replace("full)",
+                                                                             f"{default})"))
+    add_strategy_options(p)
+
+
+def add_strategy_options(p):
+    """The options strategies take: --kvp, --kvp-tail, --workers, --hostfile."""
+    p.add_argument("--kvp", default=None, metavar="FOLDER",
+                   help="KV Prediction pair for kvp / aux-only / runahead-kvp (default: the "
+                   "model's; the default model's installs on first use)")
+    add_kvp_tail_arg(p)
+    p.add_argument("--workers", type=positive, default=2,
+                   help="runahead / tsp / runahead-kvp: worker processes")
+    p.add_argument("--hostfile", default=None,
+                   help="runahead / tsp / runahead-kvp: mlx.launch hostfile spreading the "
+                   "workers over machines")
+
+
+def say_dim(console):
+    """A `say` callable printing a notice dimmed on `console`."""
+    return lambda msg: console.print(f"[dim]{msg}[/dim]", highlight=False)
+
+
+def build_strategy(args, lm, name=None, console=None):
+    """The strategy `name` (default --strategy) with the options from the flags it takes."""
+    from rich.console import Console
+
+    from edgeprefill.prefill.registry import build, parse
+
+    name = name or args.strategy
+    spec, _ = parse(name)
+    flags = {"kvp": getattr(args, "kvp", None), "kvp_tail": kvp_tail(args),
+             "workers": getattr(args, "workers", None), "hostfile": getattr(args, "hostfile", None),
+             "chunk_size": getattr(args, "chunk_size", None)}
+    opts = {k: v for k, v in flags.items() if k in spec.options}
+    return build(name, lm, say=say_dim(console or Console(stderr=True)), **opts)
 
 
 def read_prompt(value):
@@ -50,17 +92,6 @@ def validate_sampling(args):
     check_sampling(args.max_tokens, args.temp, args.top_p)
 
 
-def strategy_options(args, lm, name=None):
-    """make_strategy options from --kvp and --kvp-tail (kvp, aux-only, runahead-kvp)."""
-    from rich.console import Console
-
-    from edgeprefill.prefill import pair_options
-
-    err = Console(stderr=True)
-    return pair_options(lm, name or args.strategy, args.kvp, kvp_tail(args),
-                        say=lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False))
-
-
 def stats_line(stats):
     """One human line: TTFT, prefill and decode speed."""
     return (f"strategy {stats['strategy']} | prompt {stats['prompt_tokens']} tok | "
@@ -78,10 +109,19 @@ def parse_list(text, cast, what):
     return items
 
 
+def command_line():
+    """The command that made a record, as the user typed it (kept in every JSON it writes)."""
+    import shlex
+
+    return " ".join(["edgeprefill", *map(shlex.quote, sys.argv[1:])])
+
+
 def write_json(path, payload):
-    """Write JSON atomically (temp file, then rename)."""
+    """Write a record atomically (temp file, then rename), with the command that made it."""
     from edgeprefill.fsio import atomic_write_text
 
+    if isinstance(payload, dict):
+        payload = {"command": command_line(), **payload}
     atomic_write_text(path, json.dumps(payload, indent=2))
 
 
@@ -92,39 +132,25 @@ def add_rank_arg(p):
                    "inputs (hidden-state inputs; fewer FLOPs, see README)")
 
 
-def evaluate_refs(lm, strategy, refs, console, label):
-    """Summary metrics of `strategy` over references, with a progress bar."""
+def with_bar(console, label, fn):
+    """fn(progress) under a transient progress bar: progress(done, total)."""
     from rich.progress import Progress
 
-    from edgeprefill.evaluate import score, summarize
-
-    rows = []
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(label, total=len(refs))
-        for ref in refs:
-            rows.append(score(lm.model, strategy, ref))
-            bar.advance(task)
-    greedy = len(refs[0].greedy) if refs else 0
-    return summarize(rows, greedy)
+        task = bar.add_task(label, total=None)
+        return fn(lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def evaluate_refs(lm, strategy, refs, console, label):
+    """edgeprefill.quality.evaluate with a progress bar."""
+    from edgeprefill.quality import evaluate
+
+    return with_bar(console, label, lambda progress: evaluate(lm, strategy, refs, progress))
 
 
 def builtin_refs(lm, n_pairs, console, data=None, greedy_tokens=16):
-    """Exact-prefill references for held-out pairs (a JSONL file or the built-in set)."""
-    from rich.progress import Progress
+    """edgeprefill.quality.references with a progress bar."""
+    from edgeprefill.quality import references
 
-    from edgeprefill.data import heldout_pairs, read_pairs
-    from edgeprefill.evaluate import reference, tokenize_pairs
-
-    rows = read_pairs(data) if data else heldout_pairs(lm.tokenizer, n_pairs)
-    pairs = tokenize_pairs(lm.tokenizer, rows)[:n_pairs]
-    for p, c in pairs:
-        if len(p) + len(c) + greedy_tokens >= lm.model.max_context:
-            raise EdgeprefillError(f"an evaluation pair has {len(p) + len(c)} tokens, beyond "
-                                   f"the model's context {lm.model.max_context}: shorten it")
-    refs = []
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("exact prefill references", total=len(pairs))
-        for p, c in pairs:
-            refs.append(reference(lm.model, p, c, greedy_tokens))
-            bar.advance(task)
-    return refs
+    return with_bar(console, "exact prefill references",
+                    lambda progress: references(lm, n_pairs, data, greedy_tokens, progress))

@@ -1,8 +1,10 @@
 """The public Python API, in mlx-lm's shape: load, generate, stream_generate, prefill.
 
-Strategy names and options are the CLI's: `strategy="kvp"` (with `kvp=FOLDER`,
-`kvp_tail=T`), `"lazy"`, `"lazy-aggressive"`, `"lazy-0.8:0.6:0.5"`, `"aux-only"`,
-`"runahead-streams"`, `"full"`; any other keyword goes to the strategy (e.g. `chunk_size`).
+Strategy names and options are the CLI's and come from edgeprefill.prefill.registry:
+`strategy="kvp"` (with `kvp=FOLDER`, `kvp_tail=T`), `"lazy"`, `"lazy-0.8:0.6:0.5"`,
+`"runahead"` (with `workers=N`), ...; other keywords go to the strategy (e.g. `chunk_size`).
+A strategy object from `edgeprefill.prefill.build(...)` may be passed instead of a name and is
+then reused across calls (worker processes stay up until its `close()`).
 """
 
 import time
@@ -16,7 +18,7 @@ from edgeprefill.generate import build_prompt, check_context, check_sampling
 from edgeprefill.generate import stream_generate as stream_tokens
 from edgeprefill.loading import LoadedModel
 from edgeprefill.loading import load as load_model
-from edgeprefill.prefill import strategy_for
+from edgeprefill.prefill import registry
 from edgeprefill.prefill.base import PrefillStats
 from edgeprefill.prefill.lazy import LazyCache
 
@@ -105,9 +107,16 @@ def _token_ids(model, prompt, system=None, chat_template=True):
 
 
 def _strategy(model, strategy, kvp, kvp_tail, options):
+    """A built strategy: as given, or from the registry by name (with its options)."""
     if hasattr(strategy, "prefill"):  # an already built strategy object
         return strategy
-    return strategy_for(model, strategy, kvp=kvp, kvp_tail=kvp_tail, **options)
+    return registry.build(strategy, model, kvp=kvp, kvp_tail=kvp_tail, **options)
+
+
+def _closing(strat, given):
+    """Close worker processes a name started here (not a strategy object the caller owns)."""
+    if strat is not given and hasattr(strat, "close"):
+        strat.close()
 
 
 def stream_generate(model, prompt, strategy="full", max_tokens=256, temp=0.0, top_p=1.0,
@@ -129,6 +138,13 @@ def stream_generate(model, prompt, strategy="full", max_tokens=256, temp=0.0, to
     ids = _token_ids(model, prompt, system, chat_template)
     check_sampling(max_tokens, temp, top_p)
     strat = _strategy(model, strategy, kvp, kvp_tail, strategy_options)
+    try:
+        yield from _stream(model, ids, strat, max_tokens, temp, top_p, seed)
+    finally:
+        _closing(strat, strategy)
+
+
+def _stream(model, ids, strat, max_tokens, temp, top_p, seed):
     n, t_first = 0, None
     for event in stream_tokens(model.model, model.tokenizer, ids, strat, max_tokens=max_tokens,
                                temp=temp, top_p=top_p, seed=seed):
@@ -243,7 +259,10 @@ def prefill(model, tokens, strategy="full", kvp=None, kvp_tail=None, **strategy_
         raise EdgeprefillError("aux-only decodes with its aux model, so its cache does not fit "
                                "the base: use edgeprefill.generate(..., strategy='aux-only')")
     check_context(len(ids), model.model.max_context)
-    cache, logits, stats = strat.prefill(ids)
+    try:
+        cache, logits, stats = strat.prefill(ids)
+    finally:
+        _closing(strat, strategy)
     return PrefillResult(mlx_lm_cache(cache), logits, stats)
 
 

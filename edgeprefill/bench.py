@@ -1,5 +1,16 @@
-"""What the benchmarks run on: prompt sets of a given length, and random KV Prediction pairs
-for speed-only runs of random-weight shapes (the bench and runahead commands share them)."""
+"""The TTFT benchmark: every strategy (from the registry) on prompts of given lengths, each
+record holding its TTFT, analytic FLOPs, peak memory and its quality against the base's exact
+prefill on the same prompts (first-token agreement and KL, continuation NLL ratio), so no
+speed-up is shown without its cost. `edgeprefill bench` prints and plots these records.
+
+Two backends run the same strategies: MLX (`MlxRunner`) and the torch mirror (`MirrorRunner`,
+CPU or CUDA). Random-weight models of real shapes (`--shape`) give speed-only records.
+"""
+
+import statistics
+
+from edgeprefill.errors import EdgeprefillError
+from edgeprefill.prefill import registry
 
 
 def bench_prompt_sets(lm, n, count, continuation, random_tokens, seed=0):
@@ -16,22 +27,243 @@ def bench_prompt_sets(lm, n, count, continuation, random_tokens, seed=0):
     return [(ids[:n], ids[n:]) for ids in bench_prompts(lm.tokenizer, n, count, continuation)]
 
 
-def random_kvp_pair(lm, aux_shape, dtype):
-    """(aux, predictor) of random weights for speed-only kvp runs: a KVP-C aux of `aux_shape`
-    (same random tokenizer), else the base's first half (T-0.50) with a hidden-state predictor."""
-    from edgeprefill.kvp.pairs import build_predictor
-    from edgeprefill.kvp.aux import AuxModel
-    from edgeprefill.kvp.layer_map import compact_layer_map
-    from edgeprefill.kvp.predictor import KVPredictor
+class MlxRunner:
+    """Strategies on MLX, built once each from the registry with `options` (chunk_size, kvp,
+    kvp_tail, workers: each strategy takes the ones it declares)."""
+
+    backend = "mlx"
+
+    def __init__(self, lm, options):
+        self.lm, self.options, self.built = lm, options, {}
+
+    def strategy(self, name):
+        if name not in self.built:
+            spec, _ = registry.parse(name)
+            opts = {k: v for k, v in self.options.items() if k in spec.options}
+            self.built[name] = registry.build(name, self.lm, **opts)
+        return self.built[name]
+
+    def run(self, name, ids):
+        """(TTFT seconds, first-token logits as numpy) of one prefill."""
+        import numpy as np
+
+        _, logits, stats = self.strategy(name).prefill(ids)
+        return stats.ttft_s, np.array(logits)
+
+    def quality(self, name, prompt, continuation):
+        """(first-token logits, mean continuation NLL or None) of one prefill."""
+        import numpy as np
+
+        from edgeprefill.quality import continuation_logits, mean_nll
+
+        strat = self.strategy(name)
+        cache, logits, _ = strat.prefill(prompt)
+        first = np.array(logits)
+        if not continuation:
+            return first, None
+        forward = getattr(strat, "forward", self.lm.model)
+        return first, mean_nll(continuation_logits(forward, cache, first, continuation),
+                               continuation)
+
+    def peak_reset(self):
+        import mlx.core as mx
+
+        mx.reset_peak_memory()
+
+    def peak(self):
+        import mlx.core as mx
+
+        return int(mx.get_peak_memory())
+
+    def device(self):
+        import mlx.core as mx
+
+        return str(mx.default_device())
+
+    def close(self):
+        for s in self.built.values():
+            if hasattr(s, "close"):
+                s.close()
+
+
+class MirrorRunner(MlxRunner):
+    """The same strategies on the torch mirror (CPU: float32, CUDA: bfloat16)."""
+
+    backend = "mirror"
+
+    def __init__(self, lm, options, device="cpu"):
+        import torch
+
+        from edgeprefill.mirror.convert import mirror_from_mlx
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EdgeprefillError("--device cuda but torch sees no CUDA GPU: use --device cpu")
+        super().__init__(lm, options)
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        self.model, self.torch_device = mirror_from_mlx(lm.model, dtype, device), device
+
+    def strategy(self, name):
+        if name not in self.built:
+            spec, _ = registry.parse(name)
+            opts = {k: v for k, v in self.options.items() if k in spec.options}
+            self.built[name] = registry.build_mirror(name, self.model, self.lm, **opts)
+        return self.built[name]
+
+    def _prefill(self, name, ids, room):
+        s = self.strategy(name)
+        cache = s.make_cache(room) if hasattr(s, "make_cache") else self.model.make_cache(room)
+        return s, s.prefill(ids, cache=cache)
+
+    def run(self, name, ids):
+        _, (_, logits, stats) = self._prefill(name, ids, len(ids) + 1)
+        return stats.ttft_s, logits.float().cpu().numpy()
+
+    def quality(self, name, prompt, continuation):
+        import numpy as np
+        import torch
+
+        from edgeprefill.quality import mean_nll
+
+        s, (cache, logits, _) = self._prefill(name, prompt, len(prompt) + len(continuation) + 1)
+        first = logits.float().cpu().numpy()
+        if not continuation:
+            return first, None
+        rows = [first[None]]
+        if len(continuation) > 1:
+            with torch.no_grad():
+                ids = torch.tensor([continuation[:-1]], device=self.torch_device)
+                rows.append(getattr(s, "forward", self.model)(ids, cache)[0].float().cpu()
+                            .numpy())
+        return first, mean_nll(np.concatenate(rows), continuation)
+
+    def peak_reset(self):
+        import torch
+
+        if self.torch_device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak(self):
+        import torch
+
+        return int(torch.cuda.max_memory_allocated()) if self.torch_device == "cuda" else None
+
+    def device(self):
+        return self.torch_device
+
+
+def pair_record(runner, strategies):
+    """The header's record of the KV Prediction pair a run used: its folder, and from its card
+    what sets its cost (aux kind, predictor input and rank, exact tail, training steps)."""
+    from edgeprefill.kvp.artifact import read_card
+    from edgeprefill.kvp.pairs import ensure_default_pair, is_random_pair
+
+    kvp = runner.options.get("kvp")
+    if is_random_pair(kvp) or not any(registry.parse(s)[0].pair for s in strategies):
+        return {}
+    path = kvp or ensure_default_pair(runner.lm)
+    card = read_card(path)
+    return {"kvp": str(path), "kvp_card": {
+        "aux": card["aux"]["kind"], "predictor_input": card.get("predictor_input", "kv"),
+        "predictor_rank": card.get("predictor_rank"), "tail": card.get("tail", 1),
+        "steps": card.get("fit", {}).get("steps")}}
+
+
+def check_lengths(lm, lengths, continuation):
+    if min(lengths) < 2:
+        raise EdgeprefillError("--prompt-tokens must be at least 2")
+    for n in lengths:
+        if n + continuation + 1 >= lm.model.max_context:
+            raise EdgeprefillError(f"--prompt-tokens {n} (+{continuation} continuation) does not "
+                                   f"fit the model's context ({lm.model.max_context}): use "
+                                   "shorter prompts")
+
+
+def bench_records(runner, strategies, lengths, trials=3, warmup=1, n_prompts=1, continuation=32,
+                  random_tokens=False, progress=None):
+    """One record per (strategy, prompt length): TTFT (median, min, max over trials after
+    warm-ups), FLOPs, peak memory and quality against `full` on the same prompts (measured
+    outside the timed runs; None for random tokens). `progress()` after each timed prefill."""
+    from edgeprefill.quality import first_token_quality
+
+    lm = runner.lm
+    continuation = 0 if random_tokens else continuation
+    check_lengths(lm, lengths, continuation)
+    records = []
+    for n in lengths:
+        sets = bench_prompt_sets(lm, n, n_prompts, continuation, random_tokens)
+        base = None if random_tokens else [runner.quality("full", p, c) for p, c in sets]
+        for s in strategies:
+            times = []
+            runner.peak_reset()
+            for p, _ in sets:
+                for k in range(warmup + trials):
+                    t = runner.run(s, p)[0]
+                    if k >= warmup:
+                        times.append(t)
+                    if progress:
+                        progress()
+            peak = runner.peak()
+            q = dict.fromkeys(("first_token_agreement", "first_token_kl", "nll", "nll_exact",
+                               "nll_ratio"))
+            if base is not None:
+                q = first_token_quality(base, [runner.quality(s, p, c) for p, c in sets])
+            med = statistics.median(times)
+            records.append({
+                "strategy": s, "prompt_tokens": n, "ttft_s": med, "ttft_min_s": min(times),
+                "ttft_max_s": max(times), "trials": len(times), "prefill_tok_s": n / med,
+                "ttft_flops": registry.flops(s, runner.strategy(s), lm.config, n),
+                "peak_mem_bytes": peak, **q})
+    return records
+
+
+def load_bench_model(model="default", shape=None, dtype="auto"):
+    """The model a benchmark runs: `model`, or with `shape` a random-weight model of that real
+    shape (llama-1b, llama-8b, ...; bfloat16 on a GPU, float32 on a CPU by default)."""
+    from edgeprefill.loading import load
+
+    if not shape:
+        return load(model, dtype=dtype)
     from edgeprefill.models.random import load_random
 
-    base = lm.model
-    if not aux_shape:
-        aux, pred = build_predictor(base, "T-0.50", "hidden")
-    else:
-        small = load_random(aux_shape, dtype=dtype, seed=1).model
-        aux = AuxModel(small, range(small.n_layers), "C")
-        pred = KVPredictor(compact_layer_map(base.n_layers, small.n_layers), aux.kv_dim,
-                           base.n_kv_heads, base.head_dim)
-    pred.set_dtype(base.dtype)
-    return aux, pred
+    if dtype == "auto":
+        import mlx.core as mx
+
+        dtype = "bfloat16" if mx.default_device() == mx.gpu else "float32"
+    return load_random(shape, dtype=dtype)
+
+
+def run_bench(lm, strategies, lengths, backend="mlx", device="cpu", trials=3, warmup=1,
+              n_prompts=1, continuation=32, random_tokens=False, progress=None, **options):
+    """Benchmark `strategies` on `lm`: {"header": machine, model and settings, "records": one
+    per (strategy, length)}. Options go to the strategies (chunk_size, kvp, kvp_tail, workers).
+    """
+    from edgeprefill.blas import matmul_gflops
+    from edgeprefill.machine import machine_info, now
+
+    if trials < 1 or warmup < 0 or n_prompts < 1 or continuation < 0:
+        raise EdgeprefillError("--trials and --prompts must be >= 1, --warmup and "
+                               "--continuation >= 0")
+    random_weights = lm.model_id.startswith("random:")
+    random_tokens = random_tokens or random_weights
+    if random_weights and options.get("kvp") is None:
+        options["kvp"] = "random"
+    for s in strategies:
+        if backend == "mirror" and registry.parse(s)[0].mirror is None:
+            registry.build_mirror(s, None, lm)  # raises its one-line error
+    runner = MlxRunner(lm, options) if backend == "mlx" else MirrorRunner(lm, options, device)
+    try:
+        header = machine_info()
+        header.update(date=now(),
+                      backend=backend, device=runner.device(), model=lm.model_id,
+                      model_path=str(lm.path), dtype=str(lm.model.dtype).split(".")[-1],
+                      matmul_gflops_fp32=round(matmul_gflops(), 1), trials=trials,
+                      warmup=warmup, prompts_per_length=n_prompts,
+                      artifacts=pair_record(runner, strategies),
+                      kvp_tail=options.get("kvp_tail"), random_weights=random_weights,
+                      random_tokens=random_tokens, continuation_tokens=continuation,
+                      options={k: v for k, v in options.items() if k != "say"})
+        records = bench_records(runner, strategies, lengths, trials, warmup, n_prompts,
+                                continuation, random_tokens, progress)
+    finally:
+        runner.close()
+    return {"header": header, "records": records}

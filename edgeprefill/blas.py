@@ -1,9 +1,9 @@
 """Fast BLAS for MLX on Linux, chosen by the library itself.
 
-The mlx[cpu] wheel bundles the netlib reference BLAS (about 7 GFLOPS fp32 matmul on the
-project's 2-core machines). Debian's OpenBLAS (libopenblas0-pthread) exports the same CBLAS
-symbols: loaded into the process's global symbol scope before MLX's library is, it is the one
-MLX's matmuls bind to (about 20x faster there). `import edgeprefill` does this
+The mlx[cpu] wheel bundles the netlib reference BLAS, far slower than an optimized one
+(`make bench-blas` measures both). Debian's OpenBLAS (libopenblas0-pthread) exports the same
+CBLAS symbols: loaded into the process's global symbol scope before MLX's library is, it is the
+one MLX's matmuls bind to. `import edgeprefill` does this
 (`use_fast_blas`), so the CLI, the Python API and the runahead workers all get it; it is too
 late once mlx has been imported, and then a warning names the fix. On macOS MLX uses
 Accelerate and nothing is done. EDGEPREFILL_BLAS=bundled keeps the bundled BLAS (for

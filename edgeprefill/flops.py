@@ -92,20 +92,11 @@ def tsp_flops(config, n_tokens, **_):
         dense - attention_flops(config, n_tokens))
 
 
-STRATEGY_FLOPS = {"full": prefill_flops, "mlx-lm": prefill_flops, "kvp": kvp_flops,
-                  "aux-only": aux_only_flops, "lazy": lazy_flops,
-                  "runahead": prefill_flops, "runahead-streams": prefill_flops,
-                  "tsp": tsp_flops, "runahead-kvp": kvp_flops}
-
-
-def flops_options(strategy):
-    """The analytic-count options a built strategy object implies (its aux and predictor, or
-    its pruning schedule)."""
-    if getattr(strategy, "name", None) == "lazy":
-        return {"schedule": strategy}
-    aux = getattr(strategy, "aux", None)
-    if aux is None:
-        return {}
+def pair_options(strategy):
+    """kvp_flops / aux_only_flops options of a built kvp or aux-only strategy (MLX or mirror):
+    its aux's depth (and own shape, for KVP-C), its predictor's per-token FLOPs and exact tail.
+    Which count each strategy uses is declared in edgeprefill.prefill.registry."""
+    aux = strategy.aux
     opts = {"aux_layers": aux.n_layers}
     base = getattr(strategy, "model", None)
     if base is not None and getattr(aux.model, "config", None) is not base.config:
@@ -115,14 +106,3 @@ def flops_options(strategy):
         opts.update(predictor_token_flops=pred.token_flops(),
                     tail=getattr(strategy, "tail", 1))
     return opts
-
-
-def strategy_flops(strategy, config, n_tokens, **options):
-    """TTFT FLOPs of `strategy` on an `n_tokens` prompt, or None if it has no analytic count."""
-    if strategy.startswith("lazy"):
-        lazy = options.pop("schedule")
-        options["tokens_per_layer"] = lazy_tokens_per_layer(
-            config["num_hidden_layers"], n_tokens, lazy.bounds, list(lazy.schedule.keep))
-        strategy = "lazy"
-    fn = STRATEGY_FLOPS.get(strategy)
-    return fn(config, n_tokens, **options) if fn else None

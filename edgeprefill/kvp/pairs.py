@@ -163,3 +163,53 @@ def _install_default_pair(lm, path, shipped, say):
         f"into {path}, about two minutes, once")
     fit_artifact(lm, DEFAULT_AUX, path)
     return path
+
+
+RANDOM_PAIR = "random"  # kvp="random" or "random:<shape>": random weights, speed runs only
+
+
+def is_random_pair(kvp):
+    return isinstance(kvp, str) and (kvp == RANDOM_PAIR or kvp.startswith(RANDOM_PAIR + ":"))
+
+
+def random_pair(lm, aux_shape=None):
+    """(aux, predictor) of random weights for speed-only kvp runs of a random-weight model
+    (`--shape`): a KVP-C aux of `aux_shape` (same random tokenizer), else the base's first half
+    (T-0.50) with a hidden-state predictor. Seeded: every runahead rank builds the same pair."""
+    import mlx.core as mx
+
+    from edgeprefill.kvp.aux import AuxModel
+    from edgeprefill.kvp.layer_map import compact_layer_map
+    from edgeprefill.kvp.predictor import KVPredictor
+    from edgeprefill.models.random import load_random
+
+    if not lm.model_id.startswith("random:"):
+        raise EdgeprefillError(f"a random kvp pair is for random-weight shapes (--shape) only, "
+                               f"not {lm.model_id}: pass --kvp FOLDER")
+    base = lm.model
+    mx.random.seed(0)
+    if not aux_shape:
+        aux, pred = build_predictor(base, DEFAULT_AUX, "hidden")
+    else:
+        small = load_random(aux_shape, dtype=str(base.dtype).split(".")[-1], seed=1).model
+        aux = AuxModel(small, range(small.n_layers), "C")
+        pred = KVPredictor(compact_layer_map(base.n_layers, small.n_layers), aux.kv_dim,
+                           base.n_kv_heads, base.head_dim)
+    pred.set_dtype(base.dtype)
+    return aux, pred
+
+
+def load_pair(lm, kvp=None, say=None):
+    """(aux, predictor, card) of the pair `kvp` for `lm`: a folder (its card checked against
+    the model), a random pair's name (card {}), or None: the model's own pair
+    (ensure_default_pair)."""
+    from edgeprefill.kvp.artifact import load_artifact
+
+    if is_random_pair(kvp):
+        return (*random_pair(lm, kvp.partition(":")[2] or None), {})
+    folder = Path(kvp) if kvp else ensure_default_pair(lm, say=say)
+    if not folder.exists():
+        raise EdgeprefillError(
+            f"no KV Prediction pair at {folder}: run `edgeprefill kvp fit` (or "
+            "`make kvp-default` for the default model) or pass --kvp FOLDER")
+    return load_artifact(folder, lm.model)

@@ -268,14 +268,16 @@ class Trainer:
         self.opt.state = tree_unflatten(list(state.items()))
         self.step = json.loads((path / "state.json").read_text())["step"]
 
-    def run(self, log=None, checkpoint=None, every=50, time_limit=None):
+    def run(self, log=None, checkpoint=None, every=50, time_limit=None, stop_step=None):
         """Train to `steps` (or until `time_limit` seconds); log(record) per step; checkpoint
         every `every` steps and at the end."""
-        run_training(self, log, checkpoint, every, time_limit)
+        run_training(self, log, checkpoint, every, time_limit, stop_step)
 
 
-def run_training(trainer, log=None, checkpoint=None, every=50, time_limit=None):
-    """The loop both trainers (MLX and torch mirror) share: step, check, log, checkpoint."""
+def run_training(trainer, log=None, checkpoint=None, every=50, time_limit=None, stop_step=None):
+    """The loop both trainers (MLX and torch mirror) share: step, check, log, checkpoint.
+    It ends at `steps`, after `time_limit` seconds, or at `stop_step` (a stage of a recipe that
+    was stopped early: its learning-rate schedule still spans `steps`)."""
     start = time.perf_counter()
     while trainer.step < trainer.steps:
         rec = trainer.train_step()
@@ -284,7 +286,8 @@ def run_training(trainer, log=None, checkpoint=None, every=50, time_limit=None):
             raise FloatingPointError(f"loss became {rec['loss']} at step {rec['step']}")
         if log:
             log(rec)
-        out_of_time = time_limit is not None and rec["elapsed_s"] >= time_limit
+        out_of_time = (time_limit is not None and rec["elapsed_s"] >= time_limit
+                       or stop_step is not None and trainer.step >= stop_step)
         if checkpoint and (trainer.step % every == 0 or trainer.step == trainer.steps
                            or out_of_time):
             trainer.save_checkpoint(checkpoint)

@@ -1,8 +1,6 @@
-"""Build the torch mirror with the same weights as the MLX model.
-
-Two sources: an MLX Transformer already loaded (quantized layers are dequantized with MLX's own
-`mx.dequantize`, so a 4-bit mlx-community model mirrors exactly what MLX computes), or an HF
-folder of unquantized safetensors (no MLX needed).
+"""Load the torch mirror: from an HF folder of unquantized safetensors (no MLX needed), or
+from a model MLX has loaded (`mirror_from_mlx`: quantized layers dequantized by MLX itself, so
+a 4-bit mlx-community model mirrors exactly what MLX computes; see convert.py).
 """
 
 import json
@@ -22,34 +20,6 @@ def _torch_dtype(dtype):
     return DTYPES[dtype] if isinstance(dtype, str) else dtype
 
 
-def mlx_state_dict(mlx_model):
-    """{HF name: float32 numpy array} of an mlx-lm model, quantized weights dequantized."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-
-    state = {}
-    for name, module in tree_flatten(mlx_model.leaf_modules(), is_leaf=lambda m: isinstance(
-            m, nn.Module)):
-        params = dict(tree_flatten(module.parameters()))
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            w = mx.dequantize(module.weight, module.scales, module.get("biases"),
-                              group_size=module.group_size, bits=module.bits,
-                              mode=getattr(module, "mode", "affine"))
-            params = {k: v for k, v in params.items() if k not in ("weight", "scales", "biases")}
-            params["weight"] = w
-        for k, v in params.items():
-            state[f"{name}.{k}"] = np.array(v.astype(mx.float32))
-    return state
-
-
-def mirror_from_mlx(model, dtype=torch.float32, device="cpu"):
-    """Torch mirror of an edgeprefill.models.Transformer, with the same (dequantized) weights."""
-    config = dict(model.config)
-    config["tie_word_embeddings"] = not hasattr(model.model, "lm_head")
-    return _build(config, mlx_state_dict(model.model), dtype, device)
-
-
 def mirror_from_folder(path, dtype=torch.float32, device="cpu"):
     """Torch mirror from an HF folder of unquantized safetensors."""
     from safetensors.numpy import load_file
@@ -58,7 +28,7 @@ def mirror_from_folder(path, dtype=torch.float32, device="cpu"):
     config = json.loads((path / "config.json").read_text())
     if "quantization" in config or "quantization_config" in config:
         raise EdgeprefillError(f"{path} holds quantized weights: build the mirror from the "
-                               "loaded MLX model (mirror_from_mlx) instead")
+                               "loaded MLX model (edgeprefill.mirror.convert.mirror_from_mlx) instead")
     if "rope_theta" not in config and isinstance(config.get("rope_parameters"), dict):
         config["rope_theta"] = config["rope_parameters"].get("rope_theta", 10000.0)
     state = {}
@@ -68,10 +38,10 @@ def mirror_from_folder(path, dtype=torch.float32, device="cpu"):
     config.setdefault("tie_word_embeddings", "lm_head.weight" not in state)
     if config["tie_word_embeddings"]:
         state.pop("lm_head.weight", None)
-    return _build(config, state, dtype, device)
+    return build_mirror(config, state, dtype, device)
 
 
-def _build(config, state, dtype, device):
+def build_mirror(config, state, dtype, device):
     """Transformer on `device` in `dtype` holding `state` ({HF name: array}); strict by name."""
     with torch.device("meta"):
         model = Transformer(config)
@@ -84,3 +54,4 @@ def _build(config, state, dtype, device):
     model = model.to(_torch_dtype(dtype))
     model.inv_freq = rope_inv_freq(config, model.head_dim).to(device)  # stays float32
     return model.eval()
+

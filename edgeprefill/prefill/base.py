@@ -47,8 +47,8 @@ CPU_CHUNK, GPU_CHUNK = 512, 8192  # prefill tokens per forward call (default_chu
 
 def default_chunk_size():
     """Tokens per prefill forward call: 512 on a CPU (less of each causal score matrix is
-    wasted, and it measured fastest there), 8192 on a GPU (on an H100, 8B-shape base: full
-    prefill of 8k tokens 212 ms vs 214 ms at 2048; a 1B aux 41 ms vs 47 ms)."""
+    wasted), 8192 on a GPU (larger matmuls keep it busy). `bench --chunk-size` compares others
+    (docs/results has the measurements behind these defaults)."""
     import mlx.core as mx
 
     return GPU_CHUNK if mx.default_device() == mx.gpu else CPU_CHUNK

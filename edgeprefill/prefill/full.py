@@ -60,3 +60,40 @@ class FullPrefill:
         stats = PrefillStats(self.name, n, cache[0].offset, time.perf_counter() - start,
                              {"chunk_size": self.chunk_size})
         return cache, logits, stats
+
+
+class MlxLmPrefill:
+    """`mlx-lm`: mlx-lm's own prefill, as its `generate_step` runs it (its model and cache,
+    the prompt but the last token in steps of `prefill_step_size`, then the last token), the
+    anchor users know. Exact, like `full`; only the code path differs. (generate_step itself is
+    not called: it starts the next decoding step before yielding the first token, which would
+    put that token in the cache and its time in the TTFT.)
+
+    Args:
+        model: edgeprefill.models.Transformer (its `.model` is the mlx-lm model that runs).
+        prefill_step_size: mlx-lm's default, 2048.
+    """
+
+    name = "mlx-lm"
+
+    def __init__(self, model, prefill_step_size=2048):
+        self.model, self.step = model, prefill_step_size
+
+    def prefill(self, prompt_ids, cache=None, progress=None):
+        """See edgeprefill.prefill."""
+        start = time.perf_counter()
+        ids = as_token_array(prompt_ids)
+        n = ids.shape[0]
+        model = self.model.model
+        cache = cache if cache is not None else PromptCache(self.model.make_cache())
+        done = 0
+        while n - done > 1:
+            k = min(self.step, n - 1 - done)
+            model(ids[done:done + k][None], cache=cache)
+            mx.eval([c.state for c in cache])
+            done += k
+        logits = model(ids[done:][None], cache=cache)[0, -1].astype(mx.float32)
+        mx.eval(logits)
+        cache.tokens.extend(ids.tolist())
+        return cache, logits, PrefillStats(self.name, n, cache[0].offset,
+                                           time.perf_counter() - start)

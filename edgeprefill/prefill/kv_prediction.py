@@ -23,6 +23,15 @@ from edgeprefill.prefill.base import PrefillStats, PromptCache, default_chunk_si
 from edgeprefill.prefill.full import as_token_array
 
 
+def check_tail(tail):
+    """Refuse an exact tail that is not an integer >= 1 (None: the pair's card decides)."""
+    from edgeprefill.errors import EdgeprefillError
+
+    if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 1):
+        raise EdgeprefillError(f"--kvp-tail must be >= 1 (got {tail!r}): pass a whole number "
+                               "of tokens")
+
+
 def with_room(k, v, room, step):
     """(K, V), (..., L, hd), followed by zeros up to the next multiple of `step` positions
     that leaves at least `room` free: one buffer a KV cache can append into without growing."""

@@ -20,39 +20,14 @@ import time
 import mlx.core as mx
 from edgeprefill.prefill.base import PrefillStats, PromptCache
 from edgeprefill.prefill.full import as_token_array
-from edgeprefill.projection import check_sizes, greedy_split
-from edgeprefill.projection import even_sizes as even_partition  # re-exported
+from edgeprefill.distributed.partition import (balanced_partition, even_partition,  # noqa: F401
+                                               resolve_partition)
 
 # How the prefix K/V moves between ranks: point-to-point send/recv (the paper; ring, MPI), or,
 # on NCCL with MLX's CUDA backend (0.32: no Send/Recv on the GPU), an all-sum between the two
 # ranks in which the receiver contributes zeros -- the same bytes each way over a duplex link
 # and the same rendezvous, so two-worker timings are those of a send.
 HANDOFFS = ("sendrecv", "allsum")
-
-
-def balanced_partition(n, p, config):
-    """Chunk lengths with equal analytic per-worker FLOPs (projections + MLP linear in the
-    chunk, attention growing with the prefix), so earlier chunks are larger."""
-    from edgeprefill.flops import attention_flops, layer_matmul_flops
-
-    p = max(1, min(p, n))
-    per_tok = layer_matmul_flops(config)
-
-    def cost(start, length):
-        return length * per_tok + attention_flops(config, length, start)
-
-    target = cost(0, n) / p
-    return greedy_split(lambda start, length: cost(start, length) <= target, n, p)
-
-
-def resolve_partition(partition, n, p, config, what="workers"):
-    """Chunk lengths from a partition argument: None (FLOP-balanced), a callable (n, p) ->
-    lengths, or the lengths themselves; checked to split n tokens over at most p ranks."""
-    if partition is None:
-        sizes = balanced_partition(n, p, config)
-    else:
-        sizes = partition(n, p) if callable(partition) else partition
-    return check_sizes(sizes, n, p, what)
 
 
 def kv_bytes_per_token(model):

@@ -1,13 +1,13 @@
 """Torch mirror of edgeprefill.kvp.aux.AuxModel: the same forward (it only composes the
 model's embed / block / head), with the mirror's buffer caches."""
 
-from edgeprefill.kvp import aux as _aux
+from edgeprefill.kvp.aux import AuxModel as MlxAuxModel
+from edgeprefill.kvp.aux import AuxOutput
 from edgeprefill.mirror.models.transformer import KVCache
 
-AuxOutput = _aux.AuxOutput
 
 
-class AuxModel(_aux.AuxModel):
+class AuxModel(MlxAuxModel):
     """A mirror Transformer run over a subset of its blocks (LP, T or C aux)."""
 
     def make_cache(self, max_len=None, batch=1):

@@ -41,26 +41,3 @@ class KVPredictor(PredictorPlan, nn.Module):
             self.down = nn.ModuleList(nn.Linear(in_dim, rank, bias=False) for _ in self.sources)
         self.k_proj = nn.ModuleList(nn.Linear(self.proj_in, self.out_dim) for _ in self.predicted)
         self.v_proj = nn.ModuleList(nn.Linear(self.proj_in, self.out_dim) for _ in self.predicted)
-
-
-def predictor_to_torch(pred, device="cpu", dtype=torch.float32):
-    """Torch copy of an MLX KVPredictor (same layout and weights)."""
-    import mlx.core as mx
-    import numpy as np
-    from mlx.utils import tree_flatten
-
-    tp = KVPredictor(pred.layer_map, pred.in_dim, pred.base_kv_heads, pred.base_head_dim,
-                     pred.source, pred.exact, pred.rank)
-    state = {k: torch.from_numpy(np.array(v.astype(mx.float32)))
-             for k, v in tree_flatten(pred.parameters())}
-    tp.load_state_dict(state, strict=True)
-    return tp.to(device=device, dtype=dtype)
-
-
-def predictor_state_to_mlx(tp, pred):
-    """Write a torch KVPredictor's weights into the MLX KVPredictor `pred` (same layout)."""
-    import mlx.core as mx
-
-    items = [(k, mx.array(v.detach().float().cpu().numpy())) for k, v in tp.state_dict().items()]
-    pred.load_weights(items, strict=True)
-    return pred

@@ -59,31 +59,15 @@ class AuxView(torch.nn.Module):
                 for n, p in self.copies[str(k)].state_dict().items()}
 
     def load_aux_weights(self, weights):
-        """Load {'layers.<k>.<name>': array} (aux_weights' names, MLX or numpy arrays) into
-        the copies; refuses names that differ from the copies' own."""
-        import mlx.core as mx
-
+        """Load {'layers.<k>.<name>': numpy array} (aux_weights' names) into the copies;
+        refuses names that differ from the copies' own (convert.aux_to_torch brings MLX's)."""
         mine = self.aux_weights()
         if set(weights) != set(mine):
             diff = sorted(set(weights) ^ set(mine))[:3]
             raise ValueError(f"the aux copies' weights do not match the mirror's blocks: {diff}")
         with torch.no_grad():
             for name, w in weights.items():
-                w = np.array(w.astype(mx.float32)) if isinstance(w, mx.array) else np.asarray(w)
-                mine[name].copy_(torch.from_numpy(w))
-
-
-def aux_to_torch(aux, tbase):
-    """Mirror AuxModel of an MLX AuxModel made of `tbase`'s blocks (tbase: the mirror of the
-    MLX base): the base's own blocks, except an artifact's trained copies (aux.safetensors),
-    which are mirrored with their weights (frozen; view.train_copies(True) to train them)."""
-    copied = getattr(aux.model, "copied", None)
-    if not copied:
-        return AuxModel(tbase, aux.layers, aux.kind)
-    view = AuxView(tbase, copied)
-    view.load_aux_weights(aux.model.aux_weights())
-    view.train_copies(False)
-    return AuxModel(view, aux.layers, aux.kind)
+                mine[name].copy_(torch.from_numpy(np.asarray(w, dtype=np.float32)))
 
 
 def trainable_aux(aux, layers=None):
@@ -259,7 +243,8 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.step = json.loads((path / "state.json").read_text())["step"]
 
-    def run(self, log=None, checkpoint=None, every=50, time_limit=None):
+    def run(self, log=None, checkpoint=None, every=50, time_limit=None, stop_step=None):
         from edgeprefill.kvp.train import run_training
 
-        run_training(self, log, checkpoint, every, time_limit)
+        run_training(self, log, checkpoint, every, time_limit, stop_step)
+

@@ -4,7 +4,7 @@ mirror model, with torch array operations."""
 import torch
 
 from edgeprefill.mirror.prefill.full import as_token_tensor, synchronize
-from edgeprefill.prefill import lazy as _lazy
+from edgeprefill.prefill.lazy import LazyPrefill as MlxLazyPrefill
 
 
 class TorchOps:
@@ -21,7 +21,7 @@ class TorchOps:
     sync = staticmethod(lambda model: synchronize(model.device))
 
 
-class LazyPrefill(_lazy.LazyPrefill):
+class LazyPrefill(MlxLazyPrefill):
     """`lazy` on the torch mirror; arguments as the MLX strategy. Caches are the mirror's
     buffer caches (make_cache(max_len))."""
 

@@ -1,0 +1,302 @@
+"""Every prefill strategy, declared once: its name, what it does in one line, the options it
+takes, how to build it on MLX and on the torch mirror, and its analytic TTFT FLOPs.
+
+The CLI's choices and help, the benchmark, the evaluation, the chat and the Python API all read
+this table. Every built strategy keeps one contract (edgeprefill.prefill):
+
+    strategy.prefill(prompt_ids, cache=None, progress=None) -> (cache, logits, stats)
+
+Names: `full`, `mlx-lm`, `kvp`, `aux-only`, `lazy` (or `lazy-<schedule>`, `lazy-K1:K2:K3`),
+`runahead-streams`, `runahead`, `tsp`, `runahead-kvp`.
+
+Options (keywords of `build`; the CLI flag in brackets):
+    chunk_size [--chunk-size]: prompt tokens per forward call.
+    kvp [--kvp]: a KV Prediction pair folder (default: the model's; the bundled default model's
+        pair installs on first use), or "random[:<shape>]" for random-weight shapes.
+    kvp_tail [--kvp-tail]: tokens the base runs itself at the end of the prompt (default: the
+        pair's card).
+    workers, hostfile, backend [--workers, --hostfile]: worker processes (local, or over
+        machines with an mlx.launch hostfile) and their mx.distributed backend.
+    say: callable(str) for one-line notices (a pair installed, a worker restarted).
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from edgeprefill.errors import EdgeprefillError
+
+PAIR_OPTIONS = ("kvp", "kvp_tail")
+WORKER_OPTIONS = ("workers", "hostfile", "backend")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One row of the registry.
+
+    name: what users type (`--strategy NAME`, `strategy="NAME"`).
+    summary: one line for help text and the README's table.
+    build: (lm, variant, **options) -> the MLX strategy (a LoadedModel in).
+    flops: (config, n_tokens, built strategy) -> analytic TTFT FLOPs.
+    mirror: (torch model, lm, variant, **options) -> the torch mirror's strategy, or None.
+    options: the keyword options it takes (see the module docstring).
+    variants: how a suffix is read (`lazy-<schedule>`), or None.
+    exact: True where its cache and logits equal the base's exact prefill.
+    """
+
+    name: str
+    summary: str
+    build: Callable
+    flops: Callable
+    mirror: Optional[Callable] = None
+    options: tuple = ("chunk_size",)
+    variants: Optional[str] = None
+    exact: bool = False
+
+    @property
+    def pair(self):
+        """Takes a KV Prediction pair (--kvp, --kvp-tail)."""
+        return "kvp" in self.options
+
+    @property
+    def workers(self):
+        """Prefills on worker processes (--workers, --hostfile)."""
+        return "workers" in self.options
+
+
+# --- builders (MLX) --------------------------------------------------------------------------
+
+def _opts(options, *names):
+    return {k: options[k] for k in names if options.get(k) is not None}
+
+
+def _full(lm, variant, **o):
+    from edgeprefill.prefill.full import FullPrefill
+
+    return FullPrefill(lm.model, **_opts(o, "chunk_size"))
+
+
+def _mlx_lm(lm, variant, **o):
+    from edgeprefill.prefill.full import MlxLmPrefill
+
+    return MlxLmPrefill(lm.model)
+
+
+def _kvp(lm, variant, kvp=None, kvp_tail=None, say=None, **o):
+    from edgeprefill.kvp.pairs import load_pair
+    from edgeprefill.prefill.kv_prediction import KVPrediction
+
+    aux, pred, card = load_pair(lm, kvp, say)
+    return KVPrediction(lm.model, aux, pred, tail=kvp_tail or card.get("tail", 1),
+                        **_opts(o, "chunk_size"))
+
+
+def _aux_only(lm, variant, kvp=None, say=None, **o):
+    from edgeprefill.kvp.pairs import load_pair
+    from edgeprefill.prefill.aux_only import AuxOnly
+
+    aux, _, _ = load_pair(lm, kvp, say)
+    return AuxOnly(lm.model, aux, **_opts(o, "chunk_size"))
+
+
+def _lazy(lm, variant, **o):
+    from edgeprefill.prefill.lazy import LazyPrefill
+
+    return LazyPrefill(lm.model, schedule=variant or "default", **_opts(o, "chunk_size"))
+
+
+def _streams(lm, variant, **o):
+    from edgeprefill.prefill.runahead import StreamRunahead
+
+    return StreamRunahead(lm.model)
+
+
+def _on_workers(name):
+    def build(lm, variant, workers=2, hostfile=None, backend="auto", kvp=None, kvp_tail=None,
+              say=None, **o):
+        from edgeprefill.distributed.pool import WorkerPrefill
+
+        local = None
+        if name == "runahead-kvp":  # every worker loads this pair; later turns run it here
+            from edgeprefill.kvp.pairs import ensure_default_pair, is_random_pair
+
+            if kvp is None:
+                kvp = str(ensure_default_pair(lm, say=say))
+            local = _kvp(lm, None, kvp=kvp, kvp_tail=kvp_tail, say=say)
+            kvp_tail = kvp_tail or local.tail
+            if not is_random_pair(kvp):
+                kvp = str(kvp)
+        return WorkerPrefill(lm, name, workers or 2, hostfile, backend or "auto", kvp, kvp_tail,
+                             say, local)
+    return build
+
+
+# --- builders (torch mirror) -----------------------------------------------------------------
+
+def _mirror_full(tmodel, lm, variant, **o):
+    from edgeprefill.mirror.prefill import FullPrefill
+
+    return FullPrefill(tmodel, **_opts(o, "chunk_size"))
+
+
+def _mirror_kvp(tmodel, lm, variant, kvp=None, kvp_tail=None, say=None, **o):
+    from edgeprefill.kvp.pairs import load_pair
+    from edgeprefill.mirror.convert import pair_to_torch
+    from edgeprefill.mirror.prefill import KVPrediction
+
+    aux, pred, card = load_pair(lm, kvp, say)
+    taux, tpred = pair_to_torch(aux, pred, tmodel)
+    return KVPrediction(tmodel, taux, tpred, tail=kvp_tail or card.get("tail", 1),
+                        **_opts(o, "chunk_size"))
+
+
+def _mirror_lazy(tmodel, lm, variant, **o):
+    from edgeprefill.mirror.prefill import LazyPrefill
+
+    return LazyPrefill(tmodel, schedule=variant or "default", **_opts(o, "chunk_size"))
+
+
+# --- FLOPs -----------------------------------------------------------------------------------
+
+def _exact_flops(config, n, built):
+    from edgeprefill.flops import prefill_flops
+
+    return prefill_flops(config, n)
+
+
+def _pair_flops(fn):
+    def flops(config, n, built):
+        from edgeprefill.flops import pair_options
+
+        return fn(config, n, **pair_options(getattr(built, "kvp", None) or built))
+    return flops
+
+
+def _kvp_flops(config, n, built):
+    from edgeprefill.flops import kvp_flops
+
+    return _pair_flops(kvp_flops)(config, n, built)
+
+
+def _aux_only_flops(config, n, built):
+    from edgeprefill.flops import aux_only_flops
+
+    return _pair_flops(aux_only_flops)(config, n, built)
+
+
+def _lazy_flops(config, n, built):
+    from edgeprefill.flops import lazy_flops, lazy_tokens_per_layer
+
+    per_layer = lazy_tokens_per_layer(config["num_hidden_layers"], n, built.bounds,
+                                      list(built.schedule.keep))
+    return lazy_flops(config, n, per_layer)
+
+
+def _tsp_flops(config, n, built):
+    from edgeprefill.flops import tsp_flops
+
+    return tsp_flops(config, n)
+
+
+STRATEGIES = {s.name: s for s in (
+    Strategy("full", "exact chunked prefill of the base (the baseline)", _full, _exact_flops,
+             _mirror_full, exact=True),
+    Strategy("mlx-lm", "mlx-lm's own prefill path on the same model (the anchor users know)",
+             _mlx_lm, _exact_flops, options=(), exact=True),
+    Strategy("kvp", "KV Prediction: a small aux predicts the base's KV cache; the base runs "
+             "only the prompt's tail", _kvp, _kvp_flops, _mirror_kvp,
+             options=("chunk_size", *PAIR_OPTIONS)),
+    Strategy("aux-only", "the kvp pair's aux model alone, prefill and decoding (the paper's "
+             "baseline at kvp's FLOPs)", _aux_only, _aux_only_flops,
+             options=("chunk_size", "kvp")),
+    Strategy("lazy", "LazyLLM: prune the prompt tokens the last token attends to least, "
+             "layer by layer", _lazy, _lazy_flops, _mirror_lazy,
+             variants="lazy-<schedule> (gentle, default, aggressive) or lazy-K1:K2:K3 (the "
+             "fractions kept at 30%, 60% and 90% of the layers)"),
+    Strategy("runahead-streams", "KV-Runahead over two streams of this process (GPU + CPU on "
+             "Apple silicon)", _streams, _exact_flops, options=(), exact=True),
+    Strategy("runahead", "KV-Runahead: the prompt split over worker processes that hand each "
+             "layer's KV cache on", _on_workers("runahead"), _exact_flops,
+             options=WORKER_OPTIONS, exact=True),
+    Strategy("tsp", "sequence-parallel baseline for runahead: every worker all-gathers all "
+             "keys", _on_workers("tsp"), _tsp_flops, options=WORKER_OPTIONS, exact=True),
+    Strategy("runahead-kvp", "kvp whose aux prefill runs as KV-Runahead on worker processes",
+             _on_workers("runahead-kvp"), _kvp_flops,
+             options=(*WORKER_OPTIONS, *PAIR_OPTIONS)),
+)}
+
+
+def names():
+    """Every strategy name, in the registry's order."""
+    return list(STRATEGIES)
+
+
+def parse(name):
+    """(Strategy, variant) of a name: `kvp` -> (kvp, None), `lazy-0.8:0.6:0.5` -> (lazy,
+    '0.8:0.6:0.5'). A bad name or variant raises a one-line EdgeprefillError."""
+    if not isinstance(name, str):
+        raise EdgeprefillError(f"strategy must be a name like 'kvp' (got {type(name).__name__})")
+    if name in STRATEGIES:
+        return STRATEGIES[name], None
+    base, _, variant = name.partition("-")
+    spec = STRATEGIES.get(base)
+    if spec is None or spec.variants is None or not variant:
+        raise EdgeprefillError(f"unknown strategy '{name}': choose one of {', '.join(names())}"
+                               f" (see `edgeprefill strategies`)")
+    if spec.name == "lazy":
+        from edgeprefill.prefill.lazy import resolve_schedule
+
+        resolve_schedule(variant)  # a malformed schedule gets its one-line error here
+    return spec, variant
+
+
+def build(name, lm, **options):
+    """The named strategy over a loaded model, with the options it takes (None values are
+    dropped: the strategy's default). An option the strategy does not take is refused."""
+    spec, variant = parse(name)
+    options = {k: v for k, v in options.items() if v is not None}
+    _check_options(spec, name, options)
+    return spec.build(lm, variant, **options)
+
+
+def build_mirror(name, tmodel, lm, **options):
+    """The named strategy on the torch mirror `tmodel` (built from `lm`)."""
+    spec, variant = parse(name)
+    if spec.mirror is None:
+        with_mirror = [s.name for s in STRATEGIES.values() if s.mirror]
+        raise EdgeprefillError(f"strategy {name} has no torch mirror: choose one of "
+                               f"{', '.join(with_mirror)} with --backend mirror")
+    options = {k: v for k, v in options.items() if v is not None}
+    _check_options(spec, name, options)
+    return spec.mirror(tmodel, lm, variant, **options)
+
+
+def _check_options(spec, name, options):
+    from edgeprefill.prefill.kv_prediction import check_tail
+
+    unknown = sorted(set(options) - set(spec.options) - {"say"})
+    if unknown:
+        flag = "--" + unknown[0].replace("_", "-")
+        raise EdgeprefillError(f"strategy {name} takes no {unknown[0]} option ({flag}): drop "
+                               f"it, or pick a strategy that does")
+    check_tail(options.get("kvp_tail"))
+    if options.get("workers") is not None and options["workers"] < 1:
+        raise EdgeprefillError(f"--workers must be >= 1 (got {options['workers']})")
+
+
+def flops(name, built, config, n_tokens):
+    """Analytic TTFT FLOPs of a built strategy on an `n_tokens` prompt."""
+    return parse(name)[0].flops(config, n_tokens, built)
+
+
+def help_text():
+    """The strategies as the CLI's --strategy help lists them."""
+    parts = []
+    for s in STRATEGIES.values():
+        parts.append(s.name + (f" ({s.variants})" if s.variants else ""))
+    return "prefill strategy: " + ", ".join(parts) + " (default: full)"
+
+
+def table():
+    """[(name, summary)] for `edgeprefill strategies` and the README."""
+    return [(s.name + ("[-<schedule>|-K1:K2:K3]" if s.variants else ""), s.summary)
+            for s in STRATEGIES.values()]
