@@ -35,6 +35,12 @@ def add_parser(sub):
     p.add_argument("--aux-shape", default=None,
                    help="with --shape: a random KVP-C aux of this shape for the kvp strategies "
                    "(default: T-0.50 of the base, random predictor)")
+    p.add_argument("--task", default=None,
+                   help="add task accuracy: niah-single, niah-multikey, niah-multivalue, "
+                   "vartrack, code-line (greedy answers beside full's on the same rows)")
+    p.add_argument("--task-rows", type=positive, default=8, help="--task: rows per length")
+    p.add_argument("--haystack", default="prose", choices=["filler", "prose", "code"],
+                   help="--task: the text the needles hide in")
     p.add_argument("--json", metavar="FILE", default=None, help="write the records as JSON")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="PNG: TTFT vs prompt length, and quality vs TTFT")
@@ -64,6 +70,7 @@ def run(args):
         result = run_bench(lm, strategies, lengths, args.backend, args.device, args.trials,
                            args.warmup, args.prompts, args.continuation, args.random_tokens,
                            progress=lambda: bar.advance(task), chunk_size=args.chunk_size,
+                           task=(args.task, args.task_rows, args.haystack) if args.task else None,
                            kvp=kvp, kvp_tail=kvp_tail(args), workers=args.workers,
                            hostfile=args.hostfile,
                            say=say_dim(console))
@@ -88,8 +95,10 @@ def print_table(result):
     title = (f"TTFT, {h['model']}, {h['backend']} on {h['device']} ({h['blas']} BLAS, "
              f"{h['matmul_gflops_fp32']} GFLOPS)")
     table = Table(title=title)
+    task = h.get("task")
     for col in ("strategy", "prompt", "TTFT ms (min-max)", "x full", "tok/s", "GFLOP",
-                "peak MB", "agree", "KL", "NLL x"):
+                "peak MB", "agree", "KL", "NLL x", *([f"{task['name']} acc (x full)"]
+                                                     if task else [])):
         table.add_column(col, justify="right")
     full = {r["prompt_tokens"]: r["ttft_s"] for r in records if r["strategy"] == "full"}
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
@@ -102,6 +111,8 @@ def print_table(result):
                       f"{r['ttft_flops'] / 1e9:.1f}" if r["ttft_flops"] else "-",
                       f"{r['peak_mem_bytes'] / 2**20:.0f}" if r["peak_mem_bytes"] else "-",
                       fmt(r["first_token_agreement"], ".2f"), fmt(r["first_token_kl"], ".4f"),
-                      fmt(r["nll_ratio"], ".3f"))
+                      fmt(r["nll_ratio"], ".3f"), *([f"{r['task_accuracy']:.2f} ("
+                                                     f"{fmt(r['task_relative_accuracy'], '.2f')})"]
+                                                    if task else []))
     Console(width=max(Console().width, 110)).print(table)
     return title

@@ -3,7 +3,7 @@
 import json
 import sys
 
-from edgeprefill.apps.argtypes import positive
+from edgeprefill.apps.argtypes import non_negative, positive
 from edgeprefill.errors import EdgeprefillError
 
 
@@ -19,6 +19,14 @@ def add_parser(sub):
     p.add_argument("--pairs", type=positive, default=40, help="most pairs to evaluate")
     p.add_argument("--greedy-tokens", type=positive, default=16,
                    help="length of the base's greedy continuation to match")
+    p.add_argument("--task", default=None,
+                   help="a long-prompt task instead of the pairs: niah-single, niah-multikey, "
+                   "niah-multivalue, vartrack, code-line (greedy answers, exact match)")
+    p.add_argument("--prompt-tokens", default="1024,2048", help="--task: prompt lengths")
+    p.add_argument("--rows", type=positive, default=50, help="--task: rows per length")
+    p.add_argument("--haystack", default="prose", choices=["filler", "prose", "code"],
+                   help="--task: the text the needles hide in")
+    p.add_argument("--seed", type=non_negative, default=0, help="--task: which rows")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -37,6 +45,8 @@ def run(args):
     from edgeprefill.quality import NEAR_TIE
 
     names = parse_list(args.strategy, str, "--strategy")
+    if args.task or (args.data and _has_answers(args.data)):
+        return run_task(args, names)
     if args.pairs < 1 or args.greedy_tokens < 1:
         raise EdgeprefillError("--pairs and --greedy-tokens must be >= 1")
     for n in names:
@@ -85,4 +95,68 @@ def run(args):
     # piped or redirected output: a width that fits every column (rich assumes 80)
     (out if out.is_terminal else Console(width=160)).print(table)
     sys.stdout.flush()
+    return 0
+
+
+def _has_answers(path):
+    """Whether a --data file holds task rows ({"prompt", "answer"}) rather than pairs."""
+    from pathlib import Path
+
+    try:
+        first = next(x for x in Path(path).read_text(errors="replace").splitlines() if x.strip())
+        return '"answer"' in first
+    except (OSError, StopIteration):
+        return False
+
+
+def run_task(args, names):
+    """--task / --data with answers: greedy answers per strategy, accuracy against full's."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeprefill.apps.shared import build_strategy, command_line, parse_list, with_bar
+    from edgeprefill.loading import load
+    from edgeprefill.machine import machine_info, now
+    from edgeprefill.prefill.registry import parse
+    from edgeprefill.tasks import evaluate_task, make_rows, read_task_rows
+
+    for n in names:
+        parse(n)
+    rows_from_file = read_task_rows(args.data) if args.data else None
+    lengths = [] if rows_from_file else parse_list(args.prompt_tokens, int, "--prompt-tokens")
+    lm = load(args.model, dtype=args.dtype)
+    console = Console(stderr=True)
+    for n in lengths:
+        if n + 64 >= lm.model.max_context:
+            raise EdgeprefillError(f"--prompt-tokens {n} does not fit the model's context "
+                                   f"({lm.model.max_context}): use shorter prompts")
+    sets = ({args.data: rows_from_file} if rows_from_file else
+            {n: make_rows(lm.tokenizer, args.task, n, args.rows, args.haystack, args.seed)
+             for n in lengths})
+    built = {n: build_strategy(args, lm, n, console) for n in names}
+    try:
+        records = with_bar(console, "answering", lambda progress: evaluate_task(
+            lm, built, sets, progress))
+    finally:
+        for s in built.values():
+            if hasattr(s, "close"):
+                s.close()
+    payload = {"command": command_line(), "date": now(), "machine": machine_info(),
+               "model": lm.model_id, "task": args.task or "data", "haystack": args.haystack,
+               "seed": args.seed, "records": records}
+    if args.json:
+        print(json.dumps(payload, indent=2))
+        return 0
+    table = Table(title=f"{payload['task']} ({args.haystack}), {lm.model_id}: greedy answers, "
+                        "exact match")
+    for col in ("strategy", "prompt", "rows", "accuracy", "95% CI", "x full", "TTFT ms"):
+        table.add_column(col, justify="right")
+    for r in records:
+        s = r["summary"]
+        rel = s.get("relative_accuracy")
+        table.add_row(r["strategy"], str(r["set"]), str(s["rows"]), f"{s['accuracy']:.2f}",
+                      "{:.2f}-{:.2f}".format(*s["accuracy_ci95"]),
+                      "-" if rel is None else f"{rel:.2f}", f"{s['ttft_s'] * 1e3:.0f}")
+    out = Console()
+    (out if out.is_terminal else Console(width=160)).print(table)
     return 0

@@ -35,8 +35,13 @@ def _save(plt, fig, path):
 def bench_plot(records, path, title):
     """Two panels: TTFT vs prompt length per strategy; quality vs TTFT (the Pareto view, one
     point per strategy and length): continuation NLL ratio vs exact when measured, else
-    first-token agreement."""
-    plt, fig, (ax1, ax2) = _figure(2)
+    first-token agreement. With task accuracy, a third: accuracy relative to full against TTFT
+    relative to full, and the Pareto front of those points."""
+    has_task = any(r.get("task_relative_accuracy") is not None for r in records)
+    plt, fig, axes = _figure(3 if has_task else 2)
+    ax1, ax2 = axes[0], axes[1]
+    if has_task:
+        _task_pareto(axes[2], records)
     use_nll = all(r.get("nll_ratio") is not None for r in records)
     qkey = "nll_ratio" if use_nll else "first_token_agreement"
     for s in dict.fromkeys(r["strategy"] for r in records):
@@ -63,6 +68,31 @@ def bench_plot(records, path, title):
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     _save(plt, fig, path)
+
+
+def _task_pareto(ax, records):
+    full = {r["prompt_tokens"]: r["ttft_s"] for r in records if r["strategy"] == "full"}
+    pts = [(r["ttft_s"] / full[r["prompt_tokens"]], r["task_relative_accuracy"], r)
+           for r in records if r.get("task_relative_accuracy") is not None
+           and r["prompt_tokens"] in full]
+    for s in dict.fromkeys(r["strategy"] for _, _, r in pts):
+        mine = [(x, y, r) for x, y, r in pts if r["strategy"] == s]
+        ax.plot([x for x, _, _ in mine], [y for _, y, _ in mine], "o", label=s)
+        for x, y, r in mine:
+            ax.annotate(str(r["prompt_tokens"]), (x, y), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    front, best = [], -1.0
+    for x, y, _ in sorted(pts, key=lambda p: (p[0], -p[1])):
+        if y > best:  # no faster point is as accurate
+            front.append((x, y))
+            best = y
+    if front:
+        ax.step([x for x, _ in front], [y for _, y in front], "k--", where="post", alpha=0.5,
+                label="Pareto front")
+    ax.set(xlabel="TTFT / full's", ylabel=f"{records[0].get('task')} accuracy / full's",
+           title="task accuracy vs TTFT (labels: prompt tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 def pareto_plot(records, path, title):

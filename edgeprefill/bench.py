@@ -179,10 +179,12 @@ def check_lengths(lm, lengths, continuation):
 
 
 def bench_records(runner, strategies, lengths, trials=3, warmup=1, n_prompts=1, continuation=32,
-                  random_tokens=False, progress=None):
+                  random_tokens=False, progress=None, task=None):
     """One record per (strategy, prompt length): TTFT (median, min, max over trials after
     warm-ups), FLOPs, peak memory and quality against `full` on the same prompts (measured
-    outside the timed runs; None for random tokens). `progress()` after each timed prefill."""
+    outside the timed runs; None for random tokens). `progress()` after each timed prefill.
+    task: (name, rows per length, haystack) adds task accuracy (edgeprefill.tasks): greedy
+    answers on generated rows of each length, beside full's on the same rows."""
     from edgeprefill.quality import first_token_quality
 
     lm = runner.lm
@@ -190,6 +192,12 @@ def bench_records(runner, strategies, lengths, trials=3, warmup=1, n_prompts=1, 
     check_lengths(lm, lengths, continuation)
     records = []
     for n in lengths:
+        task_rows = task_full = None
+        if task:
+            from edgeprefill.tasks import make_rows, run_rows
+
+            task_rows = make_rows(lm.tokenizer, task[0], n, task[1], task[2])
+            task_full = run_rows(lm, runner.strategy("full"), task_rows)
         sets = bench_prompt_sets(lm, n, n_prompts, continuation, random_tokens)
         base = None if random_tokens else [runner.quality("full", p, c) for p, c in sets]
         for s in strategies:
@@ -207,6 +215,14 @@ def bench_records(runner, strategies, lengths, trials=3, warmup=1, n_prompts=1, 
                                "nll_ratio"))
             if base is not None:
                 q = first_token_quality(base, [runner.quality(s, p, c) for p, c in sets])
+            if task_rows:
+                from edgeprefill.tasks import summarize_rows
+
+                res = task_full if s == "full" else run_rows(lm, runner.strategy(s), task_rows)
+                t = summarize_rows(res, task_full)
+                q.update(task=task[0], task_rows=t["rows"], task_accuracy=t["accuracy"],
+                         task_accuracy_ci95=t["accuracy_ci95"],
+                         task_relative_accuracy=t["relative_accuracy"])
             med = statistics.median(times)
             records.append({
                 "strategy": s, "prompt_tokens": n, "ttft_s": med, "ttft_min_s": min(times),
@@ -233,9 +249,11 @@ def load_bench_model(model="default", shape=None, dtype="auto"):
 
 
 def run_bench(lm, strategies, lengths, backend="mlx", device="cpu", trials=3, warmup=1,
-              n_prompts=1, continuation=32, random_tokens=False, progress=None, **options):
+              n_prompts=1, continuation=32, random_tokens=False, progress=None, task=None,
+              **options):
     """Benchmark `strategies` on `lm`: {"header": machine, model and settings, "records": one
     per (strategy, length)}. Options go to the strategies (chunk_size, kvp, kvp_tail, workers).
+    task: (name, rows, haystack) adds a task-accuracy column (MLX backend, real weights).
     """
     from edgeprefill.blas import matmul_gflops
     from edgeprefill.machine import machine_info, now
@@ -247,6 +265,9 @@ def run_bench(lm, strategies, lengths, backend="mlx", device="cpu", trials=3, wa
     random_tokens = random_tokens or random_weights
     if random_weights and options.get("kvp") is None:
         options["kvp"] = "random"
+    if task and (backend != "mlx" or random_weights):
+        raise EdgeprefillError("--task scores answers on the MLX backend of a real model: drop "
+                               "--task, or --backend mirror / --shape")
     for s in strategies:
         if backend == "mirror" and registry.parse(s)[0].mirror is None:
             registry.build_mirror(s, None, lm)  # raises its one-line error
@@ -261,9 +282,10 @@ def run_bench(lm, strategies, lengths, backend="mlx", device="cpu", trials=3, wa
                       artifacts=pair_record(runner, strategies),
                       kvp_tail=options.get("kvp_tail"), random_weights=random_weights,
                       random_tokens=random_tokens, continuation_tokens=continuation,
+                      task=dict(zip(("name", "rows", "haystack"), task)) if task else None,
                       options={k: v for k, v in options.items() if k != "say"})
         records = bench_records(runner, strategies, lengths, trials, warmup, n_prompts,
-                                continuation, random_tokens, progress)
+                                continuation, random_tokens, progress, task)
     finally:
         runner.close()
     return {"header": header, "records": records}

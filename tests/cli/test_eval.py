@@ -75,3 +75,33 @@ def test_sweep_writes_the_pareto_table_and_plot(tiny_models, cli_env, tmp_path):
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
     r = _cli(["kvp", "sweep", "--model", model, "--kinds", "Q-0.5"], cli_env)
     assert r.returncode == 1 and "unknown aux kind 'Q-0.5'" in r.stderr
+
+
+def test_eval_task_scores_greedy_answers_against_full_on_the_same_rows(tiny_models, cli_env,
+                                                                       tmp_path):
+    model = str(tiny_models["llama"])
+    r = _cli(["eval", "--model", model, "--task", "niah-single", "--prompt-tokens", "400",
+              "--rows", "3", "--strategy", "full,lazy-aggressive", "--haystack", "filler",
+              "--json"], cli_env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["task"] == "niah-single" and out["command"].startswith("edgeprefill eval")
+    recs = {x["strategy"]: x for x in out["records"]}
+    assert set(recs) == {"full", "lazy-aggressive"} and recs["full"]["set"] == 400
+    for rec in recs.values():
+        s = rec["summary"]
+        assert s["rows"] == 3 and len(rec["rows"]) == 3 and len(s["accuracy_ci95"]) == 2
+        assert all(abs(x["prompt_tokens"] - 400) <= 8 and "output" in x for x in rec["rows"])
+    full = recs["full"]["summary"]
+    assert full["relative_accuracy"] in (1.0, None)  # None: full answered no row
+    # a user's rows with answers are scored the same way
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "Repeat: 7", "answer": "7"}) + "\n")
+    r = _cli(["eval", "--model", model, "--data", str(data), "--strategy", "full", "--json"],
+             cli_env)
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout)["records"][0]
+    assert rec["summary"]["rows"] == 1 and rec["rows"][0]["match"] in (0.0, 1.0)
+    r = _cli(["eval", "--model", model, "--task", "niah-single", "--prompt-tokens", "99999"],
+             cli_env)
+    assert r.returncode == 1 and "does not fit the model's context" in r.stderr

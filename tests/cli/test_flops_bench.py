@@ -84,3 +84,22 @@ def test_bench_kvp_rows_plot_and_speed_only_modes(tiny_models, cli_env, tmp_path
     r = subprocess.run([*CLI, "bench", "--shape", "llama-99b"],
                        env=cli_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "unknown --shape 'llama-99b'" in r.stderr
+
+
+def test_bench_task_column_scores_answers_beside_full(tiny_models, cli_env, tmp_path):
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    r = subprocess.run([*CLI, "bench", "--model", str(tiny_models["llama"]), "--strategies",
+                        "full,lazy-aggressive", "--prompt-tokens", "400", "--trials", "1",
+                        "--task", "niah-single", "--task-rows", "2", "--haystack", "filler",
+                        "--json", str(out), "--plot", str(png)], env=cli_env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["header"]["task"] == {"name": "niah-single", "rows": 2, "haystack": "filler"}
+    for rec in data["records"]:
+        assert rec["task"] == "niah-single" and rec["task_rows"] == 2
+        assert 0.0 <= rec["task_accuracy"] <= 1.0 and len(rec["task_accuracy_ci95"]) == 2
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    r = subprocess.run([*CLI, "bench", "--shape", "smollm2-135m", "--task", "niah-single"],
+                       env=cli_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "--task scores answers" in r.stderr

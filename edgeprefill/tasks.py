@@ -1,0 +1,317 @@
+"""Long-prompt tasks: generated, seeded rows whose answer sits somewhere in a long prompt, and
+their scoring by greedy generation of the answer span (what a user loses to an approximate
+prefill at the lengths where TTFT matters).
+
+Tasks (RULER-style, Hsieh et al. 2024, plus a code task):
+    niah-single      one key-value needle in the haystack; asked for its value.
+    niah-multikey    four needles with different keys; asked for one key's value.
+    niah-multivalue  four values for one key; asked for all of them.
+    vartrack         a chain of assignments VAR X1 = 12345 ... VAR X5 = VAR X4 spread in the
+                     haystack; asked which variables hold 12345.
+    code-line        a long prefix of a standard-library module; complete the next line.
+Haystacks (`haystack=`): filler (one repeated paragraph), prose (held-out language-reference
+text), code (held-out standard-library source). Prompt lengths are measured in the model's own
+tokens, chat template included.
+
+A row: {"task", "id", "prompt" (text), "answers" (every string must appear in the output),
+"answer_prefix" (the start of the reply, after the chat template), "line" (code-line: the exact
+next line), "chat" (through the chat template or raw), "prompt_tokens"}.
+"""
+
+import difflib
+import random
+import re
+
+from edgeprefill.errors import EdgeprefillError
+
+TASKS = ("niah-single", "niah-multikey", "niah-multivalue", "vartrack", "code-line")
+HAYSTACKS = ("filler", "prose", "code")
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
+          "again. ")
+WORDS = ("amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "indigo",
+         "juniper", "kelp", "lumen", "maple", "nectar", "onyx", "pepper", "quartz", "raven",
+         "saffron", "tundra", "umber", "velvet", "willow", "xenon", "yarrow", "zephyr")
+TOLERANCE = 0.02  # a row's prompt is within 2% of the asked length, in the model's tokens
+ANSWER_TOKENS = {"niah-single": 16, "niah-multikey": 16, "niah-multivalue": 48,
+                 "vartrack": 32, "code-line": 32}
+
+
+def _haystack_text(kind):
+    from edgeprefill.data import BENCH_MODULES, prose_text, stdlib_text
+
+    if kind == "filler":
+        return FILLER * 4000
+    if kind == "prose":
+        return prose_text(heldout=True)
+    if kind == "code":
+        return stdlib_text(BENCH_MODULES)
+    raise EdgeprefillError(f"unknown haystack '{kind}': choose one of {', '.join(HAYSTACKS)}")
+
+
+def _pieces(text):
+    """The haystack cut where a needle may go in: after sentences (prose) or lines (code)."""
+    return [p for p in re.split(r"(?<=[.!?\n])\s+", text) if p.strip()]
+
+
+def _number(rng):
+    return str(rng.randrange(1_000_000, 10_000_000))
+
+
+def _key(rng, used):
+    while True:
+        k = f"{rng.choice(WORDS)}-{rng.choice(WORDS)}"
+        if k not in used:
+            used.add(k)
+            return k
+
+
+def _needles(task, rng):
+    """(needle sentences, question, answers, answer prefix) of one row. The answer prefix
+    starts the model's reply (as RULER does), so the first generated tokens are the answer."""
+    used = set()
+    if task == "niah-single":
+        k, v = _key(rng, used), _number(rng)
+        return ([f"One of the special magic numbers for {k} is: {v}."],
+                f"What is the special magic number for {k} mentioned in the text above?", [v],
+                f"The special magic number for {k} mentioned in the text above is")
+    if task == "niah-multikey":
+        pairs = [(_key(rng, used), _number(rng)) for _ in range(4)]
+        k, v = pairs[rng.randrange(4)]
+        return ([f"One of the special magic numbers for {a} is: {b}." for a, b in pairs],
+                f"What is the special magic number for {k} mentioned in the text above?", [v],
+                f"The special magic number for {k} mentioned in the text above is")
+    if task == "niah-multivalue":
+        k = _key(rng, used)
+        vals = [_number(rng) for _ in range(4)]
+        return ([f"One of the special magic numbers for {k} is: {v}." for v in vals],
+                f"What are all the special magic numbers for {k} mentioned in the text above?",
+                vals, f"The special magic numbers for {k} mentioned in the text above are")
+    if task == "vartrack":
+        v = str(rng.randrange(10_000, 100_000))
+        names = [f"{rng.choice('ABCDEFGHJKMNPQRSTUVWXYZ')}{rng.choice('ABCDEFGHJKMNPQRSTUVWXYZ')}"
+                 f"{rng.randrange(10, 100)}" for _ in range(5)]
+        names = list(dict.fromkeys(names))
+        chain = [f"VAR {names[0]} = {v}."] + [f"VAR {b} = VAR {a}." for a, b in
+                                            zip(names, names[1:])]
+        return (chain, f"Which variables are assigned the value {v}, directly or through "
+                "other variables, in the text above?", names,
+                f"According to the chain of variable assignments in the text above, "
+                f"{len(names)} variables are assigned the value {v}, they are:")
+    raise EdgeprefillError(f"unknown task '{task}': choose one of {', '.join(TASKS)}")
+
+
+def _render(tokenizer, text, chat, prefix=""):
+    """Prompt ids: the text (through the chat template when `chat`), then the answer prefix
+    (the start of the model's reply)."""
+    from edgeprefill.generate import build_prompt
+
+    ids = build_prompt(tokenizer, text, chat_template=chat)
+    return ids + (list(tokenizer.encode(prefix, add_special_tokens=False)) if prefix else [])
+
+
+def _fit(tokenizer, make, n_pieces, n_tokens):
+    """The prompt ids from make(k) (k haystack pieces) whose length is closest to n_tokens,
+    by bisection on k (the length grows with k)."""
+    lo, hi = 0, n_pieces
+    best = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        ids, row = make(mid)
+        if best is None or abs(len(ids) - n_tokens) < abs(len(best[0]) - n_tokens):
+            best = (ids, row)
+        if len(ids) < n_tokens:
+            lo = mid + 1
+        elif len(ids) > n_tokens:
+            hi = mid - 1
+        else:
+            break
+    return best
+
+
+def _retrieval_row(tokenizer, task, n_tokens, pieces, rng, index):
+    needles, question, answers, prefix = _needles(task, rng)
+    start = rng.randrange(len(pieces))
+    depths = sorted(rng.random() for _ in needles)  # in order: vartrack's chain reads forward
+    words, bounds = [], [0]  # the haystack's words; where each of its pieces starts
+    i = 0
+    while len(words) < 2 * n_tokens:
+        words += pieces[(start + i) % len(pieces)].split()
+        bounds.append(len(words))
+        i += 1
+
+    def make(w):
+        """The prompt with the haystack's first w words, needles at piece boundaries."""
+        cuts = [max(b for b in bounds if b <= max(0, round(d * w))) for d in depths]
+        out, last = [], 0
+        for cut, needle in zip(cuts, needles):
+            out += words[last:cut] + [needle]
+            last = cut
+        text = " ".join(out + words[last:w]) + "\n\n" + question
+        return _render(tokenizer, text, True, prefix), text
+
+    ids, text = _fit(tokenizer, make, len(words), n_tokens)
+    return {"task": task, "id": index, "prompt": text, "answers": answers, "chat": True,
+            "answer_prefix": prefix, "prompt_tokens": len(ids)}
+
+
+def _code_row(tokenizer, n_tokens, code_lines, rng, index):
+    """A prefix of the code that ends before a line worth completing (a non-trivial one)."""
+    for _ in range(1000):
+        end = rng.randrange(50, len(code_lines))
+        line = code_lines[end]
+        if len(line.strip()) >= 12 and not line.strip().startswith("#"):
+            break
+
+    source = "\n".join(code_lines[max(0, end - 4 * n_tokens):end]) + "\n"
+
+    def make(c):
+        """The last c characters before the line (the first line may start mid-line)."""
+        text = source[len(source) - c:]
+        return _render(tokenizer, text, False), text
+
+    ids, text = _fit(tokenizer, make, len(source), n_tokens)
+    return {"task": "code-line", "id": index, "prompt": text, "answers": [line.strip()],
+            "line": line, "chat": False, "prompt_tokens": len(ids)}
+
+
+def make_rows(tokenizer, task, n_tokens, count, haystack="prose", seed=0):
+    """`count` rows of `task` whose prompts are `n_tokens` long (within 2%) in this tokenizer.
+
+    The same (task, length, haystack, seed) gives the same rows. code-line's haystack is the
+    code itself.
+    """
+    if task not in TASKS:
+        raise EdgeprefillError(f"unknown task '{task}': choose one of {', '.join(TASKS)}")
+    rng = random.Random(f"{task}/{n_tokens}/{haystack}/{seed}")
+    rows = []
+    if task == "code-line":
+        from edgeprefill.data import BENCH_MODULES, stdlib_text
+
+        lines = stdlib_text(BENCH_MODULES).splitlines()
+        rows = [_code_row(tokenizer, n_tokens, lines, rng, i) for i in range(count)]
+    else:
+        pieces = _pieces(_haystack_text(haystack))
+        rows = [_retrieval_row(tokenizer, task, n_tokens, pieces, rng, i) for i in range(count)]
+    short = [r for r in rows if abs(r["prompt_tokens"] - n_tokens) > TOLERANCE * n_tokens]
+    if short:
+        where = "the code" if task == "code-line" else f"the {haystack} haystack"
+        raise EdgeprefillError(f"{task}: {where} cannot make a {n_tokens}-token "
+                               f"prompt (got {short[0]['prompt_tokens']}): pick another length "
+                               "or haystack")
+    return rows
+
+
+def score_output(row, text):
+    """{"match": 1.0 if every answer string appears in the output (code-line: the first line
+    equals the expected line, stripped), "similarity": edit similarity for code-line}."""
+    if row.get("task") == "code-line" or "line" in row:
+        first = text.strip("\n").split("\n")[0].strip()
+        want = row["answers"][0]
+        return {"match": float(first == want),
+                "similarity": difflib.SequenceMatcher(None, first, want).ratio()}
+    return {"match": float(all(a in text for a in row["answers"]))}
+
+
+def wilson(hits, n):
+    from edgeprefill.quality import wilson_interval
+
+    return wilson_interval(hits, n)
+
+
+def row_ids(tokenizer, row):
+    """The prompt ids of a row (through the chat template unless the row says otherwise)."""
+    return _render(tokenizer, row["prompt"], row.get("chat", True), row.get("answer_prefix", ""))
+
+
+def run_rows(lm, strategy, rows, max_tokens=None, progress=None):
+    """Greedy answers of `strategy` on `rows`: [{"id", "output", "match", ...}] per row.
+    max_tokens: answer length (default: the task's)."""
+    from edgeprefill.generate import generate
+
+    out = []
+    for row in rows:
+        ids = row_ids(lm.tokenizer, row)
+        n = max_tokens or ANSWER_TOKENS.get(row.get("task"), 32)
+        r = generate(lm.model, lm.tokenizer, ids, strategy, max_tokens=n, temp=0.0)
+        out.append({"id": row.get("id", len(out)), "prompt_tokens": len(ids),
+                    "output": r.text, "ttft_s": r.ttft_s, **score_output(row, r.text)})
+        if progress:
+            progress(len(out), len(rows))
+    return out
+
+
+def summarize_rows(results, reference=None):
+    """Accuracy with its 95% Wilson interval (and mean edit similarity where scored); with
+    `reference` (full's results on the same rows), accuracy relative to it."""
+    hits = sum(r["match"] for r in results)
+    n = len(results)
+    s = {"rows": n, "accuracy": hits / n if n else None, "accuracy_ci95": wilson(hits, n),
+         "ttft_s": sum(r["ttft_s"] for r in results) / n if n else None}
+    if results and "similarity" in results[0]:
+        s["similarity"] = sum(r["similarity"] for r in results) / n
+    if reference is not None:
+        ref = sum(r["match"] for r in reference)
+        s["accuracy_full"] = ref / len(reference) if reference else None
+        s["relative_accuracy"] = hits / ref if ref else None
+    return s
+
+
+def read_task_rows(path):
+    """Rows of a user's {"prompt", "answer"} JSONL file (answer: a string or a list of strings
+    that must all appear in the output; optional "chat": false for raw prompts)."""
+    import json
+    from pathlib import Path
+
+    from edgeprefill.fsio import decode_utf8
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeprefillError(f"task data {path} does not exist: pass a JSONL file of "
+                               '{"prompt": ..., "answer": ...} lines')
+    rows = []
+    for n, line in enumerate(decode_utf8(path.read_bytes(), str(path)).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EdgeprefillError(f"{path}:{n} is not valid JSON ({e.msg}): one object per "
+                                   "line") from None
+        answer = row.get("answer") if isinstance(row, dict) else None
+        answers = [answer] if isinstance(answer, str) else answer
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"]
+                and isinstance(answers, list) and answers
+                and all(isinstance(a, str) and a for a in answers)):
+            raise EdgeprefillError(f'{path}:{n} needs a non-empty "prompt" and an "answer" '
+                                   "(a string or a list of strings)")
+        rows.append({"task": "data", "id": row.get("id", n), "prompt": row["prompt"],
+                     "answers": answers, "chat": row.get("chat", True) is not False})
+    if not rows:
+        raise EdgeprefillError(f"{path} holds no rows")
+    return rows
+
+
+def evaluate_task(lm, strategies, row_sets, progress=None):
+    """Every strategy on every row set: records with per-row results and a summary relative to
+    `full` on the same rows (full runs first, added if missing).
+
+    Args:
+        strategies: {name: built strategy}.
+        row_sets: {label (e.g. the prompt length): [rows]}.
+    Returns:
+        [{"strategy", "set", "summary", "rows": [...]}].
+    """
+    from edgeprefill.prefill.registry import build
+
+    names = list(strategies)
+    if "full" not in strategies:
+        strategies = {"full": build("full", lm), **strategies}
+    records = []
+    for label, rows in row_sets.items():
+        full = run_rows(lm, strategies["full"], rows, progress=progress)
+        for name in names:
+            res = full if name == "full" else run_rows(lm, strategies[name], rows,
+                                                       progress=progress)
+            records.append({"strategy": name, "set": label,
+                            "summary": summarize_rows(res, full), "rows": res})
+    return records
