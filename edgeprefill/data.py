@@ -272,29 +272,38 @@ def heldout_pairs(tokenizer, count=40, prompt_tokens=384, continuation_tokens=32
     return rows
 
 
-def read_pairs(path):
-    """Rows of a {"prompt", "continuation"} JSONL file; one-line errors name the bad line."""
+def read_jsonl(path, expected):
+    """[(line number, object)] of a JSONL file; one-line errors name a missing file (with the
+    `expected` line format) or the bad line."""
     from edgeprefill.errors import EdgeprefillError
+    from edgeprefill.fsio import decode_utf8
 
     path = Path(path)
     if not path.is_file():
-        raise EdgeprefillError(f"evaluation data {path} does not exist: pass a JSONL file of "
-                               '{"prompt": ..., "continuation": ...} lines')
-    from edgeprefill.fsio import decode_utf8
-
-    rows = []
+        raise EdgeprefillError(f"{path} does not exist: pass a JSONL file of {expected} lines")
+    out = []
     for n, line in enumerate(decode_utf8(path.read_bytes(), str(path)).splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            out.append((n, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise EdgeprefillError(f"{path}:{n} is not valid JSON ({e.msg}): one object per line")
+            raise EdgeprefillError(f"{path}:{n} is not valid JSON ({e.msg}): one object per "
+                                   "line") from None
+    if not out:
+        raise EdgeprefillError(f"{path} holds no rows: one {expected} object per line")
+    return out
+
+
+def read_pairs(path):
+    """Rows of a {"prompt", "continuation"} JSONL file; one-line errors name the bad line."""
+    from edgeprefill.errors import EdgeprefillError
+
+    rows = []
+    for n, row in read_jsonl(path, '{"prompt": ..., "continuation": ...}'):
         if not isinstance(row, dict) or not all(
                 isinstance(row.get(k), str) and row[k] for k in ("prompt", "continuation")):
             raise EdgeprefillError(f'{path}:{n} needs non-empty string fields "prompt" and '
                                    '"continuation"')
         rows.append(row)
-    if not rows:
-        raise EdgeprefillError(f"{path} holds no evaluation pairs")
     return rows

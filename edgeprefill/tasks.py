@@ -259,24 +259,10 @@ def summarize_rows(results, reference=None):
 def read_task_rows(path):
     """Rows of a user's {"prompt", "answer"} JSONL file (answer: a string or a list of strings
     that must all appear in the output; optional "chat": false for raw prompts)."""
-    import json
-    from pathlib import Path
+    from edgeprefill.data import read_jsonl
 
-    from edgeprefill.fsio import decode_utf8
-
-    path = Path(path)
-    if not path.is_file():
-        raise EdgeprefillError(f"task data {path} does not exist: pass a JSONL file of "
-                               '{"prompt": ..., "answer": ...} lines')
     rows = []
-    for n, line in enumerate(decode_utf8(path.read_bytes(), str(path)).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EdgeprefillError(f"{path}:{n} is not valid JSON ({e.msg}): one object per "
-                                   "line") from None
+    for n, row in read_jsonl(path, '{"prompt": ..., "answer": ...}'):
         answer = row.get("answer") if isinstance(row, dict) else None
         answers = [answer] if isinstance(answer, str) else answer
         if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"]
@@ -286,8 +272,6 @@ def read_task_rows(path):
                                    "(a string or a list of strings)")
         rows.append({"task": "data", "id": row.get("id", n), "prompt": row["prompt"],
                      "answers": answers, "chat": row.get("chat", True) is not False})
-    if not rows:
-        raise EdgeprefillError(f"{path} holds no rows")
     return rows
 
 
