@@ -91,3 +91,22 @@ kvp-sweep: $(FULL)
 # MIL interpreter against the torch mirror.
 export: $(FULL)
 	$(BIN)/edgeprefill export --model default --kvp default --out smollm2.mlpackage --force --verify
+
+# Long-prompt task accuracy, the published grid (issue 27): every task at 1k-8k tokens (8000:
+# the default model's window is 8192, answers included), n rows each, the default pair and
+# LazyLLM at three schedules beside full. One JSON per task in $(RESULTS) (written, then moved).
+TASKS ?= niah-single niah-multikey niah-multivalue vartrack code-line
+TASK_LENGTHS ?= 1024,2048,4096,8000
+TASK_ROWS ?= 50
+TASK_STRATEGIES ?= full,kvp,aux-only,lazy,lazy-aggressive,lazy-0.4:0.3:0.2
+HAYSTACK ?= prose
+RESULTS ?= task-results
+.PHONY: task-grid
+task-grid: $(CORE)
+	mkdir -p $(RESULTS)
+	for t in $(TASKS); do \
+	  $(BIN)/edgeprefill eval --model default --task $$t --haystack $(HAYSTACK) \
+	    --prompt-tokens $(TASK_LENGTHS) --rows $(TASK_ROWS) --strategy $(TASK_STRATEGIES) \
+	    --json > $(RESULTS)/.task-$$t.json && mv $(RESULTS)/.task-$$t.json $(RESULTS)/task-$$t.json \
+	  || { rm -f $(RESULTS)/.task-$$t.json; exit 1; }; \
+	done
