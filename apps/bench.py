@@ -4,8 +4,8 @@ against the exact prefill (edgeprefill.bench runs it; this prints, writes JSON a
 import sys
 
 from edgeprefill.apps.argtypes import non_negative, positive
-from edgeprefill.apps.shared import (add_model_args, add_strategy_options, kvp_tail,
-                                     parse_list, say_dim, write_json)
+from edgeprefill.apps.shared import (SELECT_FLAGS, add_model_args, add_strategy_options,
+                                     kvp_tail, parse_list, say_dim, write_json)
 
 
 def add_parser(sub):
@@ -72,8 +72,8 @@ def run(args):
                            progress=lambda: bar.advance(task), chunk_size=args.chunk_size,
                            task=(args.task, args.task_rows, args.haystack) if args.task else None,
                            kvp=kvp, kvp_tail=kvp_tail(args), workers=args.workers,
-                           hostfile=args.hostfile,
-                           say=say_dim(console))
+                           hostfile=args.hostfile, say=say_dim(console),
+                           **{k: getattr(args, k) for k in SELECT_FLAGS})
     title = print_table(result)
     if args.json:
         write_json(args.json, result)

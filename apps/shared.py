@@ -4,8 +4,11 @@ calls, and how they read prompts and write records."""
 import json
 import sys
 
-from edgeprefill.apps.argtypes import positive
+from edgeprefill.apps.argtypes import non_negative, positive, positive_float
 from edgeprefill.errors import EdgeprefillError
+
+
+SELECT_FLAGS = ("keep", "filter_layer", "draft", "lookahead", "select_chunk", "positions")
 
 
 def add_model_args(p):
@@ -53,6 +56,22 @@ def add_strategy_options(p):
     p.add_argument("--hostfile", default=None,
                    help="runahead / tsp / runahead-kvp: mlx.launch hostfile spreading the "
                    "workers over machines")
+    p.add_argument("--keep", type=positive_float, default=None, metavar="K",
+                   help="gemfilter / specprefill / kvp+specprefill: the prompt tokens the base "
+                   "computes, a fraction in (0, 1] or a count (defaults 0.25 / 0.25 / 0.05)")
+    p.add_argument("--filter-layer", type=non_negative, default=None, metavar="R",
+                   help="gemfilter: the layer whose last-token attention selects (default: 0.4 "
+                   "of the depth)")
+    p.add_argument("--draft", default=None, metavar="MODEL",
+                   help="specprefill: the draft model (same tokenizer), or 'aux' (the kvp "
+                   "pair's aux; the default where the model has a pair)")
+    p.add_argument("--lookahead", type=non_negative, default=None, metavar="T",
+                   help="specprefill: tokens the draft decodes to score with (default 8)")
+    p.add_argument("--select-chunk", type=positive, default=None, metavar="C",
+                   help="specprefill / kvp+specprefill: tokens per selection chunk (default 32)")
+    p.add_argument("--positions", choices=["original", "fresh"], default=None,
+                   help="gemfilter / specprefill: kept tokens keep their positions (original; "
+                   "specprefill's default) or are renumbered (fresh; gemfilter's default)")
 
 
 def say_dim(console):
@@ -71,6 +90,7 @@ def build_strategy(args, lm, name=None, console=None):
     flags = {"kvp": getattr(args, "kvp", None), "kvp_tail": kvp_tail(args),
              "workers": getattr(args, "workers", None), "hostfile": getattr(args, "hostfile", None),
              "chunk_size": getattr(args, "chunk_size", None)}
+    flags.update({k: getattr(args, k, None) for k in SELECT_FLAGS})
     opts = {k: v for k, v in flags.items() if k in spec.options}
     return build(name, lm, say=say_dim(console or Console(stderr=True)), **opts)
 

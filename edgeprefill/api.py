@@ -21,6 +21,7 @@ from edgeprefill.loading import load as load_model
 from edgeprefill.prefill import registry
 from edgeprefill.prefill.base import PrefillStats
 from edgeprefill.prefill.lazy import LazyCache
+from edgeprefill.prefill.selection import SelectedCache
 
 
 def load(path_or_hf_repo="default", dtype="auto"):
@@ -229,11 +230,11 @@ def mlx_lm_cache(cache):
     """The per-layer caches of a strategy's prefill as mlx-lm's prompt_cache.
 
     full, kvp and runahead-streams caches are mlx-lm KVCaches already; a lazy cache's pruned
-    layers are wrapped so new tokens get their true positions (mlx-lm then decodes over the
-    pruned layers as they are: it does not revive pruned tokens as edgeprefill's lazy decoding
-    does).
+    layers, and the layers of a selective prefill (gemfilter, specprefill), are wrapped so new
+    tokens get their true positions (mlx-lm then decodes over the pruned layers as they are: it
+    does not revive pruned tokens as edgeprefill's lazy decoding does).
     """
-    if isinstance(cache, LazyCache):
+    if isinstance(cache, (LazyCache, SelectedCache)):
         return [PositionedKVCache(c, cache.next_pos) for c in cache]
     return list(cache)
 

@@ -83,6 +83,43 @@ def lazy_tokens_per_layer(n_layers, n_tokens, bounds, keep):
     return out
 
 
+def gemfilter_flops(config, n_tokens, kept, filter_layer, **_):
+    """GemFilter: layers 0..filter_layer over all N tokens (no LM head), then a full prefill
+    of the `kept` tokens."""
+    head = 2 * config["hidden_size"] * config["vocab_size"]
+    if kept >= n_tokens:
+        return prefill_flops(config, n_tokens)
+    return prefill_flops(config, n_tokens, layers=filter_layer + 1) - head + prefill_flops(
+        config, kept)
+
+
+def specprefill_flops(config, n_tokens, kept, draft_config, draft_layers, lookahead, **_):
+    """SpecPrefill: the draft's prefill of N tokens and `lookahead` decode steps (each with its
+    LM head), then a prefill of the `kept` tokens by the base."""
+    if kept >= n_tokens:
+        return prefill_flops(config, n_tokens)
+    draft = prefill_flops(draft_config, n_tokens, layers=draft_layers)
+    for t in range(lookahead):
+        draft += prefill_flops(draft_config, 1, n_past=n_tokens + t, layers=draft_layers)
+    return draft + prefill_flops(config, kept)
+
+
+def kvp_select_flops(config, n_tokens, kept, aux_layers, aux_config=None, tail=1, **pair):
+    """kvp+specprefill: kvp (aux over N - tail tokens, predictor, base over the tail), the aux
+    over the tail too (it scores the tokens), and the base over the `kept` tokens, whose
+    masked attention is computed densely over every cached and new key."""
+    h = config["num_attention_heads"]
+    hd = config.get("head_dim") or config["hidden_size"] // h
+    tail = min(tail, n_tokens)
+    m = n_tokens - tail
+    acfg = aux_config or config
+    aux_tail = aux_layers * (tail * layer_matmul_flops(acfg) + attention_flops(acfg, tail, m))
+    exact = config["num_hidden_layers"] * kept * (layer_matmul_flops(config) + 2 * 2 * h * hd
+                                                  * (m + kept + tail))
+    return kvp_flops(config, n_tokens, aux_layers, aux_config=aux_config, tail=tail,
+                     **pair) + aux_tail + exact
+
+
 def tsp_flops(config, n_tokens, **_):
     """The tsp baseline: every query scores all N keys (dense, then masked)."""
     h = config["num_attention_heads"]

@@ -10,18 +10,23 @@ from pathlib import Path
 
 from edgeprefill.fsio import atomic_folder
 
-# Real architectures' shapes (hidden, layers, intermediate, heads, kv heads, vocab).
+# Real architectures' shapes (hidden, layers, intermediate, heads, kv heads, vocab, and the
+# context window of the real model: 131072 for Llama 3.1 / 3.2, 8192 for SmolLM2).
 SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=4, intermediate_size=128,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=384),
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, intermediate_size=1536,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         max_position_embeddings=8192),
     "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                     max_position_embeddings=131072),
     "llama-3b": dict(hidden_size=3072, num_hidden_layers=28, intermediate_size=8192,
-                     num_attention_heads=24, num_key_value_heads=8, vocab_size=128256),
+                     num_attention_heads=24, num_key_value_heads=8, vocab_size=128256,
+                     max_position_embeddings=131072),
     "llama-8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
-                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                     max_position_embeddings=131072),
 }
 
 CHAT_TEMPLATE = (
@@ -37,8 +42,8 @@ _CORPUS = (
 def make_config(family, shape="tiny", **overrides):
     """HF config dict for a random model of `family` (llama, qwen2, qwen3) and `shape`."""
     cfg = dict(SHAPES[shape]) if isinstance(shape, str) else dict(shape)
+    cfg.setdefault("max_position_embeddings", 512 if shape == "tiny" else 32768)
     cfg.update(model_type=family, rms_norm_eps=1e-5, rope_theta=10000.0,
-               max_position_embeddings=512 if shape == "tiny" else 32768,
                tie_word_embeddings=family != "qwen2", bos_token_id=1, eos_token_id=2)
     cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     cfg["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",

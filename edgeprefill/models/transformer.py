@@ -30,12 +30,15 @@ class BlockOutput:
     values: (B, Hkv, L, hd) values of this call's tokens.
     attn_row: (B, S) attention probabilities of the last query over all attended keys,
         averaged over query heads (only when asked for).
+    attn: (B, H, m, S) attention probabilities of the last m queries, per head (only when
+        asked for: token selection by GemFilter and SpecPrefill).
     """
 
     h: mx.array
     keys: mx.array
     values: mx.array
     attn_row: Optional[mx.array] = None
+    attn: Optional[mx.array] = None
 
 
 def apply_rope(rope, x, offset=0, positions=None):
@@ -78,6 +81,26 @@ def last_query_attention(q_last, keys, scale, key_mask=None):
         scores = mx.where(key_mask, scores, -mx.inf)
     probs = mx.softmax(scores, axis=-1)
     return probs.reshape(B, H, -1).mean(axis=1)
+
+
+def query_attention(q, keys, scale):
+    """Attention probabilities of the last m queries over keys that end with their own.
+
+    Args:
+        q: (B, H, m, hd) rotated queries of the call's last m tokens.
+        keys: (B, Hkv, S, hd) rotated keys in position order, the last m being the queries'
+            own (query j sees keys 0 .. S - m + j).
+        scale: softmax scale.
+    Returns:
+        (B, H, m, S) float32 probabilities.
+    """
+    B, H, m, hd = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    qg = q.reshape(B, Hkv, H // Hkv, m, hd).astype(mx.float32)
+    scores = (qg * scale) @ keys.astype(mx.float32)[:, :, None].transpose(0, 1, 2, 4, 3)
+    visible = mx.arange(S)[None, :] <= (S - m + mx.arange(m))[:, None]  # (m, S)
+    scores = mx.where(visible, scores, -mx.inf)
+    return mx.softmax(scores, axis=-1).reshape(B, H, m, S)
 
 
 class Transformer:
@@ -173,7 +196,7 @@ class Transformer:
         return apply_rope(attn[0].rope, keys, offset)
 
     def block(self, i, h, cache=None, offset=None, positions=None, prefix_kv=None,
-              replace_kv=None, mask=None, return_attn_row=False):
+              replace_kv=None, mask=None, return_attn_row=False, attn_probs=0):
         """Run transformer block i.
 
         Args:
@@ -189,6 +212,8 @@ class Transformer:
             mask: attention mask override ((L, S) bool/additive array or "causal");
                 default: causal over this call's tokens, full over cache and prefix.
             return_attn_row: also return the last query's attention row (LazyLLM).
+            attn_probs: also return the per-head attention of the call's last m queries
+                (m = attn_probs; the cache must hold keys in position order).
         Returns:
             BlockOutput.
         """
@@ -222,7 +247,8 @@ class Transformer:
         h = h + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         row = last_query_attention(q[:, :, -1:], keys, attn.scale) if return_attn_row else None
-        return BlockOutput(h, k, v, row)
+        probs = query_attention(q[:, :, -attn_probs:], keys, attn.scale) if attn_probs else None
+        return BlockOutput(h, k, v, row, probs)
 
     def __call__(self, ids, cache=None):
         """Plain forward: (B, L) ids -> (B, L, V) logits, appending to `cache` if given."""

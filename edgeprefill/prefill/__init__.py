@@ -13,11 +13,13 @@ Every strategy is declared once, in registry.py; `build(name, lm, **options)` ma
 from edgeprefill.prefill.aux_only import AuxOnly
 from edgeprefill.prefill.base import PrefillStats, PromptCache
 from edgeprefill.prefill.full import FullPrefill, MlxLmPrefill
+from edgeprefill.prefill.gemfilter import GemFilter
 from edgeprefill.prefill.kv_prediction import KVPrediction
 from edgeprefill.prefill.lazy import SCHEDULES, LazyPrefill
 from edgeprefill.prefill.registry import STRATEGIES, build, build_mirror, names, parse
 from edgeprefill.prefill.runahead import StreamRunahead
+from edgeprefill.prefill.specprefill import KVPSpecPrefill, SpecPrefill
 
 __all__ = ["PrefillStats", "PromptCache", "FullPrefill", "MlxLmPrefill", "AuxOnly",
-           "KVPrediction", "LazyPrefill", "SCHEDULES", "StreamRunahead", "STRATEGIES", "build",
+           "KVPrediction", "LazyPrefill", "GemFilter", "SpecPrefill", "KVPSpecPrefill", "SCHEDULES", "StreamRunahead", "STRATEGIES", "build",
            "build_mirror", "names", "parse"]

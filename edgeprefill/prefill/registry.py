@@ -7,7 +7,8 @@ this table. Every built strategy keeps one contract (edgeprefill.prefill):
     strategy.prefill(prompt_ids, cache=None, progress=None) -> (cache, logits, stats)
 
 Names: `full`, `mlx-lm`, `kvp`, `aux-only`, `lazy` (or `lazy-<schedule>`, `lazy-K1:K2:K3`),
-`runahead-streams`, `runahead`, `tsp`, `runahead-kvp`.
+`gemfilter`, `specprefill`, `kvp+specprefill`, `runahead-streams`, `runahead`, `tsp`,
+`runahead-kvp`.
 
 Options (keywords of `build`; the CLI flag in brackets):
     chunk_size [--chunk-size]: prompt tokens per forward call.
@@ -15,6 +16,15 @@ Options (keywords of `build`; the CLI flag in brackets):
         pair installs on first use), or "random[:<shape>]" for random-weight shapes.
     kvp_tail [--kvp-tail]: tokens the base runs itself at the end of the prompt (default: the
         pair's card).
+    keep [--keep]: gemfilter / specprefill / kvp+specprefill: the prompt tokens the base
+        computes, a fraction in (0, 1] or a count.
+    filter_layer [--filter-layer]: gemfilter's selecting layer (default: 0.4 of the depth).
+    draft [--draft]: specprefill's speculator: a model of the same tokenizer, "aux" (the kvp
+        pair's aux, the default where the model has a pair) or "random:<shape>".
+    lookahead, select_chunk [--lookahead, --select-chunk]: specprefill's decoded look-ahead
+        tokens and selection chunk.
+    positions [--positions]: original (each kept token keeps its position) or fresh (the kept
+        tokens renumbered 0..k-1).
     workers, hostfile, backend [--workers, --hostfile]: worker processes (local, or over
         machines with an mlx.launch hostfile) and their mx.distributed backend.
     say: callable(str) for one-line notices (a pair installed, a worker restarted).
@@ -26,6 +36,9 @@ from typing import Callable, Optional
 from edgeprefill.errors import EdgeprefillError
 
 PAIR_OPTIONS = ("kvp", "kvp_tail")
+SELECT_OPTIONS = {"gemfilter": ("chunk_size", "keep", "filter_layer", "positions"),
+                  "specprefill": ("chunk_size", "keep", "lookahead", "select_chunk", "positions"),
+                  "kvp+specprefill": ("chunk_size", "keep", "select_chunk")}
 WORKER_OPTIONS = ("workers", "hostfile", "backend")
 
 
@@ -78,7 +91,7 @@ def _full(lm, variant, **o):
 def _mlx_lm(lm, variant, **o):
     from edgeprefill.prefill.full import MlxLmPrefill
 
-    return MlxLmPrefill(lm.model)
+    return MlxLmPrefill(lm.model, int(variant)) if variant else MlxLmPrefill(lm.model)
 
 
 def _kvp(lm, variant, kvp=None, kvp_tail=None, say=None, **o):
@@ -102,6 +115,28 @@ def _lazy(lm, variant, **o):
     from edgeprefill.prefill.lazy import LazyPrefill
 
     return LazyPrefill(lm.model, schedule=variant or "default", **_opts(o, "chunk_size"))
+
+
+def _gemfilter(lm, variant, **o):
+    from edgeprefill.prefill.gemfilter import GemFilter
+
+    return GemFilter(lm.model, **_opts(o, *SELECT_OPTIONS["gemfilter"]))
+
+
+def _specprefill(lm, variant, draft=None, kvp=None, say=None, **o):
+    from edgeprefill.prefill.specprefill import SpecPrefill, load_draft
+
+    return SpecPrefill(lm.model, load_draft(lm, draft, kvp, say),
+                       **_opts(o, *SELECT_OPTIONS["specprefill"]))
+
+
+def _kvp_select(lm, variant, kvp=None, kvp_tail=None, say=None, **o):
+    from edgeprefill.kvp.pairs import load_pair
+    from edgeprefill.prefill.specprefill import KVPSpecPrefill
+
+    aux, pred, card = load_pair(lm, kvp, say)
+    return KVPSpecPrefill(lm.model, aux, pred, tail=kvp_tail or card.get("tail", 1),
+                          **_opts(o, *SELECT_OPTIONS["kvp+specprefill"]))
 
 
 def _streams(lm, variant, **o):
@@ -155,6 +190,36 @@ def _mirror_lazy(tmodel, lm, variant, **o):
     return LazyPrefill(tmodel, schedule=variant or "default", **_opts(o, "chunk_size"))
 
 
+def _mirror_gemfilter(tmodel, lm, variant, **o):
+    from edgeprefill.mirror.prefill import GemFilter
+
+    return GemFilter(tmodel, **_opts(o, *SELECT_OPTIONS["gemfilter"]))
+
+
+def _mirror_specprefill(tmodel, lm, variant, draft=None, kvp=None, say=None, **o):
+    from edgeprefill.mirror.convert import aux_to_torch, mirror_from_mlx
+    from edgeprefill.mirror.prefill import SpecPrefill
+    from edgeprefill.prefill.specprefill import AuxDraft, load_draft
+
+    d = load_draft(lm, draft, kvp, say)
+    if isinstance(d, AuxDraft):
+        td = AuxDraft(aux_to_torch(d.aux, tmodel))
+    else:
+        td = mirror_from_mlx(d, dtype=tmodel.dtype, device=tmodel.device)
+    return SpecPrefill(tmodel, td, **_opts(o, *SELECT_OPTIONS["specprefill"]))
+
+
+def _mirror_kvp_select(tmodel, lm, variant, kvp=None, kvp_tail=None, say=None, **o):
+    from edgeprefill.kvp.pairs import load_pair
+    from edgeprefill.mirror.convert import pair_to_torch
+    from edgeprefill.mirror.prefill import KVPSpecPrefill
+
+    aux, pred, card = load_pair(lm, kvp, say)
+    taux, tpred = pair_to_torch(aux, pred, tmodel)
+    return KVPSpecPrefill(tmodel, taux, tpred, tail=kvp_tail or card.get("tail", 1),
+                          **_opts(o, *SELECT_OPTIONS["kvp+specprefill"]))
+
+
 # --- FLOPs -----------------------------------------------------------------------------------
 
 def _exact_flops(config, n, built):
@@ -191,6 +256,31 @@ def _lazy_flops(config, n, built):
     return lazy_flops(config, n, per_layer)
 
 
+def _gemfilter_flops(config, n, built):
+    from edgeprefill.flops import gemfilter_flops
+    from edgeprefill.prefill.selection import keep_count
+
+    return gemfilter_flops(config, n, keep_count(built.keep, n), built.filter_layer)
+
+
+def _specprefill_flops(config, n, built):
+    from edgeprefill.flops import specprefill_flops
+    from edgeprefill.prefill.selection import keep_count
+
+    d = built.draft
+    return specprefill_flops(config, n, keep_count(built.keep, n), d.config, d.n_layers,
+                             built.lookahead)
+
+
+def _kvp_select_flops(config, n, built):
+    from edgeprefill.flops import kvp_select_flops, pair_options
+    from edgeprefill.prefill.selection import keep_count
+
+    m = n - min(built.tail, n)
+    return kvp_select_flops(config, n, keep_count(built.keep, m) if m else 0,
+                            **pair_options(built))
+
+
 def _tsp_flops(config, n, built):
     from edgeprefill.flops import tsp_flops
 
@@ -200,8 +290,10 @@ def _tsp_flops(config, n, built):
 STRATEGIES = {s.name: s for s in (
     Strategy("full", "exact chunked prefill of the base (the baseline)", _full, _exact_flops,
              _mirror_full, exact=True),
-    Strategy("mlx-lm", "mlx-lm's own prefill path on the same model (the anchor users know)",
-             _mlx_lm, _exact_flops, options=(), exact=True),
+    Strategy("mlx-lm", "mlx-lm's own prefill path on the same model (the anchor users know), "
+             "at its default 2048-token step", _mlx_lm, _exact_flops, options=(), exact=True,
+             variants="mlx-lm-<step> (prefill step in tokens, e.g. mlx-lm-8192: full's GPU "
+             "chunk)"),
     Strategy("kvp", "KV Prediction: a small aux predicts the base's KV cache; the base runs "
              "only the prompt's tail", _kvp, _kvp_flops, _mirror_kvp,
              options=("chunk_size", *PAIR_OPTIONS)),
@@ -212,6 +304,18 @@ STRATEGIES = {s.name: s for s in (
              "layer by layer", _lazy, _lazy_flops, _mirror_lazy,
              variants="lazy-<schedule> (gentle, default, aggressive) or lazy-K1:K2:K3 (the "
              "fractions kept at 30%, 60% and 90% of the layers)"),
+    Strategy("gemfilter", "GemFilter: the base's early layers pick the tokens the last one "
+             "attends to; the base prefills only those (training-free)", _gemfilter,
+             _gemfilter_flops, _mirror_gemfilter,
+             options=SELECT_OPTIONS["gemfilter"]),
+    Strategy("specprefill", "SpecPrefill: a small draft's look-ahead attention picks chunks of "
+             "the prompt; the base prefills only those at their positions (training-free)",
+             _specprefill, _specprefill_flops, _mirror_specprefill,
+             options=(*SELECT_OPTIONS["specprefill"], "draft", "kvp")),
+    Strategy("kvp+specprefill", "kvp whose aux pass also picks the tokens the base computes "
+             "exactly over the predicted cache (the needle the question asks for)",
+             _kvp_select, _kvp_select_flops, _mirror_kvp_select,
+             options=(*SELECT_OPTIONS["kvp+specprefill"], *PAIR_OPTIONS)),
     Strategy("runahead-streams", "KV-Runahead over two streams of this process (GPU + CPU on "
              "Apple silicon)", _streams, _exact_flops, options=(), exact=True),
     Strategy("runahead", "KV-Runahead: the prompt split over worker processes that hand each "
@@ -237,11 +341,14 @@ def parse(name):
         raise EdgeprefillError(f"strategy must be a name like 'kvp' (got {type(name).__name__})")
     if name in STRATEGIES:
         return STRATEGIES[name], None
-    base, _, variant = name.partition("-")
-    spec = STRATEGIES.get(base)
-    if spec is None or spec.variants is None or not variant:
+    spec, variant = next(((s, name[len(s.name) + 1:]) for s in STRATEGIES.values()
+                          if s.variants and name.startswith(s.name + "-")), (None, ""))
+    if spec is None or not variant:
         raise EdgeprefillError(f"unknown strategy '{name}': choose one of {', '.join(names())}"
                                f" (see `edgeprefill strategies`)")
+    if spec.name == "mlx-lm" and not (variant.isdigit() and int(variant) > 0):
+        raise EdgeprefillError(f"unknown strategy '{name}': mlx-lm-<step> takes a prefill step "
+                               "in tokens (mlx-lm-8192)")
     if spec.name == "lazy":
         from edgeprefill.prefill.lazy import resolve_schedule
 
@@ -298,5 +405,5 @@ def help_text():
 
 def table():
     """[(name, summary)] for `edgeprefill strategies` and the README."""
-    return [(s.name + ("[-<schedule>|-K1:K2:K3]" if s.variants else ""), s.summary)
-            for s in STRATEGIES.values()]
+    suffix = {"lazy": "[-<schedule>|-K1:K2:K3]", "mlx-lm": "[-<step>]"}
+    return [(s.name + suffix.get(s.name, ""), s.summary) for s in STRATEGIES.values()]

@@ -22,12 +22,13 @@ FAMILIES = ("llama", "qwen2", "qwen3")
 @dataclass
 class BlockOutput:
     """Same fields as the MLX side: h (B, L, D); keys, values (B, Hkv, L, hd) pre-RoPE;
-    attn_row (B, S) when asked for."""
+    attn_row (B, S) and attn (B, H, m, S) when asked for."""
 
     h: torch.Tensor
     keys: torch.Tensor
     values: torch.Tensor
     attn_row: Optional[torch.Tensor] = None
+    attn: Optional[torch.Tensor] = None
 
 
 def rope_inv_freq(config, head_dim):
@@ -239,7 +240,7 @@ class Transformer(nn.Module):
         return apply_rope(keys, self.inv_freq, pos)
 
     def block(self, i, h, cache=None, offset=None, positions=None, prefix_kv=None,
-              replace_kv=None, mask=None, return_attn_row=False):
+              replace_kv=None, mask=None, return_attn_row=False, attn_probs=0):
         """Run block i; arguments and result as edgeprefill.models.Transformer.block.
 
         mask: optional (L, S) bool (True = attend) override.
@@ -279,7 +280,8 @@ class Transformer(nn.Module):
         h = h + attn.o_proj(out.transpose(1, 2).reshape(B, L, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         row = last_query_attention(q[:, :, -1:], keys, attn.scale) if return_attn_row else None
-        return BlockOutput(h, k, v, row)
+        probs = query_attention(q[:, :, -attn_probs:], keys, attn.scale) if attn_probs else None
+        return BlockOutput(h, k, v, row, probs)
 
     def forward(self, ids, cache=None):
         """(B, L) ids -> (B, L, V) logits, appending to `cache` if given."""
@@ -296,3 +298,16 @@ def last_query_attention(q_last, keys, scale):
     q = q_last.reshape(B, Hkv, H // Hkv, hd).float()
     probs = torch.softmax((q * scale) @ keys.float().transpose(-1, -2), dim=-1)
     return probs.reshape(B, H, -1).mean(dim=1)
+
+
+def query_attention(q, keys, scale):
+    """(B, H, m, hd) queries of the call's last m tokens, (B, Hkv, S, hd) keys ending with
+    theirs -> (B, H, m, S) probabilities per head (as the MLX side)."""
+    B, H, m, hd = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    qg = q.reshape(B, Hkv, H // Hkv, m, hd).float()
+    scores = (qg * scale) @ keys.float()[:, :, None].transpose(-1, -2)
+    ar = torch.arange(S, device=q.device)
+    visible = ar[None, :] <= (S - m + torch.arange(m, device=q.device))[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1).reshape(B, H, m, S)

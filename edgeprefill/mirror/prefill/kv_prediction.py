@@ -26,6 +26,20 @@ class KVPrediction:
         cache.aux = self.aux.make_cache(max_len)
         return cache
 
+    def _run_aux(self, ids, cache, predict_from, room=0):
+        """The aux over `ids`, predicted base K/V appended for ids[predict_from:]."""
+        m = self.model
+        hidden_from = self.predictor.hidden_layers()
+        for s in range(0, ids.shape[0], self.chunk_size):
+            chunk = ids[s:s + self.chunk_size]
+            out = self.aux.forward(chunk[None], cache.aux, hidden_from)
+            skip = max(0, predict_from - s)
+            if skip >= chunk.shape[0]:
+                continue
+            for i, k, v in self.predictor.base_kv(out, skip):
+                k = m.rotate_keys(i, k.to(m.dtype), offset=cache[i].offset)
+                cache[i].update_and_fetch(k, v.to(m.dtype))
+
     @torch.no_grad()
     def prefill(self, prompt_ids, cache=None, progress=None):
         m = self.model
@@ -40,16 +54,7 @@ class KVPrediction:
         gap = cache.tokens[cache.aux[0].offset:]
         aux_ids = torch.cat([torch.as_tensor(gap, dtype=torch.long, device=m.device),
                              ids[:n - tail]])
-        hidden_from = self.predictor.hidden_layers()
-        for s in range(0, aux_ids.shape[0], self.chunk_size):
-            chunk = aux_ids[s:s + self.chunk_size]
-            out = self.aux.forward(chunk[None], cache.aux, hidden_from)
-            skip = max(0, len(gap) - s)
-            if skip >= chunk.shape[0]:
-                continue
-            for i, k, v in self.predictor.base_kv(out, skip):
-                k = m.rotate_keys(i, k.to(m.dtype), offset=cache[i].offset)
-                cache[i].update_and_fetch(k, v.to(m.dtype))
+        self._run_aux(aux_ids, cache, predict_from=len(gap))
         t_aux = time.perf_counter() - start
         h = m.embed(ids[n - tail:][None])
         for i in range(m.n_layers):
