@@ -48,7 +48,7 @@ class MlxRunner:
         import numpy as np
 
         _, logits, stats = self.strategy(name).prefill(ids)
-        return stats.ttft_s, np.array(logits)
+        return stats.ttft_s, np.array(logits), stats.extra
 
     def quality(self, name, prompt, continuation):
         """(first-token logits, mean continuation NLL or None) of one prefill."""
@@ -116,7 +116,7 @@ class MirrorRunner(MlxRunner):
 
     def run(self, name, ids):
         _, (_, logits, stats) = self._prefill(name, ids, len(ids) + 1)
-        return stats.ttft_s, logits.float().cpu().numpy()
+        return stats.ttft_s, logits.float().cpu().numpy(), stats.extra
 
     def quality(self, name, prompt, continuation):
         import numpy as np
@@ -201,13 +201,16 @@ def bench_records(runner, strategies, lengths, trials=3, warmup=1, n_prompts=1, 
         sets = bench_prompt_sets(lm, n, n_prompts, continuation, random_tokens)
         base = None if random_tokens else [runner.quality("full", p, c) for p, c in sets]
         for s in strategies:
-            times = []
+            times, split = [], {}
             runner.peak_reset()
             for p, _ in sets:
                 for k in range(warmup + trials):
-                    t = runner.run(s, p)[0]
+                    t, _, extra = runner.run(s, p)
                     if k >= warmup:
                         times.append(t)
+                        for key, v in extra.items():  # the strategy's own time split
+                            if key.endswith("_s") and isinstance(v, (int, float)):
+                                split.setdefault(key, []).append(v)
                     if progress:
                         progress()
             peak = runner.peak()
@@ -228,7 +231,8 @@ def bench_records(runner, strategies, lengths, trials=3, warmup=1, n_prompts=1, 
                 "strategy": s, "prompt_tokens": n, "ttft_s": med, "ttft_min_s": min(times),
                 "ttft_max_s": max(times), "trials": len(times), "prefill_tok_s": n / med,
                 "ttft_flops": registry.flops(s, runner.strategy(s), lm.config, n),
-                "peak_mem_bytes": peak, **q})
+                "peak_mem_bytes": peak,
+                "split_s": {k: statistics.median(v) for k, v in split.items()}, **q})
     return records
 
 

@@ -173,15 +173,21 @@ class LazyPrefill:
         pos = ops.ints(range(p0, p0 + n), m)
         h = m.embed(ids[None])
         present = list(range(n))  # indices into this prompt
-        kept_per_layer, row = [], None
+        kept_per_layer, row, prune_s = [], None, 0.0
         for i in range(m.n_layers):
             if first and i in self.keep:  # prune with the previous layer's row
+                ops.eval(row)
+                t_prune = time.perf_counter()
                 idx = _keep_top(ops, row[0], self.keep[i], len(present) - 1)
-                dropped = [j for j in range(len(present)) if j not in set(idx)]
-                seg = self.segment(i)
-                for j in dropped:
-                    cache.aux_hidden[seg][p0 + present[j]] = h[0, j]
+                kept = set(idx)
+                dropped = [j for j in range(len(present)) if j not in kept]
+                stash = cache.aux_hidden[self.segment(i)]
+                if dropped:  # one gather, then a view per token (not a slice of h each)
+                    rows = h[0, ops.ints(dropped, m)]
+                    for r, j in enumerate(dropped):
+                        stash[p0 + present[j]] = rows[r]
                 h, present = h[:, ops.ints(idx, m)], [present[j] for j in idx]
+                prune_s += time.perf_counter() - t_prune
             if i in self.starts:
                 cache.seg_pos[self.segment(i)].extend(p0 + j for j in present)
             want = first and (i + 1) in self.keep
@@ -197,6 +203,7 @@ class LazyPrefill:
         cache.tokens.extend(ids.tolist())
         stats = PrefillStats(self.name, n, cache.next_pos, time.perf_counter() - start,
                              {"schedule": self.schedule.name, "prune_layers": self.bounds,
+                              "prune_s": prune_s,  # ranking and bookkeeping, on the host
                               "tokens_per_layer": kept_per_layer,
                               "token_layers_fraction": sum(kept_per_layer) / (n * m.n_layers)})
         return cache, logits, stats

@@ -161,8 +161,9 @@ class Selective:
         self.positions = positions
         self.chunk_size = chunk_size or default_chunk_size()
 
-    def make_cache(self):
-        return SelectedCache(self.model.make_cache())
+    def make_cache(self, max_len=None):
+        m = self.model
+        return SelectedCache(m.make_cache() if max_len is None else m.make_cache(max_len))
 
     def prefill(self, prompt_ids, cache=None, progress=None):
         """See edgeprefill.prefill."""

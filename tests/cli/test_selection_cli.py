@@ -51,3 +51,31 @@ def test_python_api_takes_selection_options_and_hands_the_cache_to_mlx_lm(tiny_m
     step = generate_step(mx.array(ids[-1:]), lm.mlx_model,
                          prompt_cache=r.cache, max_tokens=2)
     assert len([t for t, _ in step]) == 2
+
+
+def test_bench_times_and_splits_the_selection_strategies_on_both_backends(cli_env, tmp_path):
+    import subprocess
+
+    from tests.conftest import CLI
+
+    out = tmp_path / "b.json"
+    for backend, strategies in (("mlx", "full,mlx-lm,mlx-lm-64,lazy,gemfilter,specprefill,"
+                                 "kvp+specprefill"),
+                                ("mirror", "full,gemfilter,specprefill,kvp+specprefill")):
+        r = subprocess.run([*CLI, "bench", "--shape", "tiny", "--backend", backend,
+                            "--strategies", strategies, "--draft", "random:tiny", "--keep",
+                            "0.25", "--prompt-tokens", "300", "--trials", "1", "--warmup", "0",
+                            "--json", str(out)], env=cli_env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        recs = {x["strategy"]: x for x in json.loads(out.read_text())["records"]}
+        assert set(recs) == set(strategies.split(","))
+        full = recs["full"]["ttft_flops"]
+        for name in ("gemfilter", "specprefill", "kvp+specprefill"):
+            # (the random draft is the base's own shape here: specprefill costs more than full)
+            assert 0 < recs[name]["ttft_flops"] < (2 * full if name == "specprefill" else full)
+            assert 0 < recs[name]["split_s"].get("select_s", recs[name]["split_s"].get(
+                "aux_s", 0)) < recs[name]["ttft_s"], name
+        if backend == "mlx":
+            assert recs["mlx-lm-64"]["ttft_flops"] == full
+            assert "prune_s" in recs["lazy"]["split_s"]
