@@ -6,7 +6,7 @@ import sys
 from edgeprefill.errors import EdgeprefillError
 
 COMMANDS = ("generate", "chat", "bench", "eval", "strategies", "info", "kvp", "runahead",
-            "export")
+            "export", "cache_prompt")
 
 
 class OneLineErrors(argparse.ArgumentParser):

@@ -21,6 +21,9 @@ def add_parser(sub):
     p.add_argument("--top-p", type=fraction, default=1.0)
     p.add_argument("--seed", type=non_negative, default=None)
     p.add_argument("--no-chat-template", action="store_true", help="encode the raw prompt")
+    p.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="a prompt cache (edgeprefill cache-prompt, or mlx-lm's): its longest "
+                   "common prefix with this prompt is reused, only the rest is prefilled")
     p.add_argument("--json", action="store_true", help="print one JSON object (text and stats)")
     p.set_defaults(run=run)
 
@@ -43,9 +46,22 @@ def run(args):
                        chat_template=not args.no_chat_template)
     check_context(len(ids), lm.model.max_context)
     strategy = build_strategy(args, lm, console=err)
+    cache, cached = None, {}
+    if args.prompt_cache:
+        from edgeprefill.cache import continuing, load_cache, reuse
+
+        cache, info = load_cache(args.prompt_cache, lm)
+        cache, ids, reused = reuse(cache, info, ids)
+        cached = {"cached_tokens": reused, "cache_exact": info["exact"],
+                  "cache_strategy": info["strategy"]}
+        rest = continuing(strategy, lm)
+        if rest is not strategy:
+            err.print(f"[dim]{args.strategy} continues only caches it made: the {len(ids)} "
+                      "uncached tokens are prefilled with full[/dim]", highlight=False)
+            strategy = rest
     result = None
     try:
-        for event in stream_generate(lm.model, lm.tokenizer, ids, strategy,
+        for event in stream_generate(lm.model, lm.tokenizer, ids, strategy, cache=cache,
                                      max_tokens=args.max_tokens, temp=args.temp,
                                      top_p=args.top_p, seed=args.seed):
             if not args.json:
@@ -55,10 +71,11 @@ def run(args):
     finally:
         if hasattr(strategy, "close"):  # worker processes
             strategy.close()
-    stats = result.stats()
+    stats = {**result.stats(), **cached}
     if args.json:
         print(json.dumps({"model": lm.model_id, "text": result.text, "stats": stats}))
     else:
         sys.stdout.write("\n")
-        err.print(f"[dim]{stats_line(stats)}[/dim]", highlight=False)
+        reused = (f" | {cached['cached_tokens']} cached tokens reused" if cached else "")
+        err.print(f"[dim]{stats_line(stats)}{reused}[/dim]", highlight=False)
     return 0

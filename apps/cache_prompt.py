@@ -1,0 +1,67 @@
+"""`edgeprefill cache-prompt`: prefill a prompt once and save its KV cache (mlx-lm's format),
+for `generate --prompt-cache` / `chat --prompt-cache` (and mlx-lm's own --prompt-cache-file)."""
+
+import sys
+
+from edgeprefill.apps.argtypes import positive_float
+from edgeprefill.apps.shared import add_model_args, add_strategy_args, build_strategy, read_prompt
+from edgeprefill.errors import EdgeprefillError
+
+
+def add_parser(sub):
+    p = sub.add_parser("cache-prompt", help="prefill a prompt once and save its KV cache")
+    add_model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text, or '-' to read stdin")
+    src.add_argument("--prompt-file", help="a UTF-8 file holding the prompt")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--no-chat-template", action="store_true", help="encode the raw prompt")
+    p.add_argument("--out", required=True, help="the cache file to write (.safetensors)")
+    p.add_argument("--max-cache-mb", type=positive_float, default=None,
+                   help="refuse a cache larger than this (MiB), before writing it")
+    add_strategy_args(p)
+    p.set_defaults(run=run)
+
+
+def read_prompt_file(path):
+    from edgeprefill.fsio import decode_utf8
+
+    try:
+        data = open(path, "rb").read()
+    except OSError as e:
+        raise EdgeprefillError(f"cannot read --prompt-file {path}: {e.strerror}") from None
+    return decode_utf8(data, path)
+
+
+def run(args):
+    from rich.console import Console
+
+    from edgeprefill.cache import save_cache
+    from edgeprefill.generate import build_prompt, check_context
+    from edgeprefill.loading import load
+    from edgeprefill.prefill.registry import parse
+
+    spec, _ = parse(args.strategy)
+    if not args.out.endswith(".safetensors"):
+        raise EdgeprefillError(f"--out must end in .safetensors (got {args.out}): rename it")
+    prompt = read_prompt(args.prompt) if args.prompt is not None else read_prompt_file(
+        args.prompt_file)
+    if not prompt.strip():
+        raise EdgeprefillError("the prompt is empty: pass text with --prompt or --prompt-file")
+    err = Console(stderr=True, soft_wrap=True)
+    lm = load(args.model, dtype=args.dtype)
+    ids = build_prompt(lm.tokenizer, prompt, system=args.system,
+                       chat_template=not args.no_chat_template)
+    check_context(len(ids), lm.model.max_context)
+    strategy = build_strategy(args, lm, console=err)
+    try:
+        cache, _, stats = strategy.prefill(ids)
+    finally:
+        if hasattr(strategy, "close"):
+            strategy.close()
+    budget = None if args.max_cache_mb is None else int(args.max_cache_mb * 2**20)
+    nbytes = save_cache(args.out, lm, cache, ids, spec.name, spec.exact, budget)
+    exact = "exact" if spec.exact else "approximate"
+    print(f"cached {len(ids)} tokens ({nbytes / 2**20:.1f} MiB, {exact}, {spec.name} prefill "
+          f"{stats.ttft_s * 1000:.0f} ms) in {args.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,202 @@
+"""Prompt caches: a prefilled prompt's KV cache saved to disk in mlx-lm's format, loaded back,
+and reused for a new prompt through their longest common token prefix.
+
+The file is mlx-lm's (`mlx_lm.models.cache.save_prompt_cache` / `load_prompt_cache`, which this
+module calls): one safetensors file of per-layer KVCache states, with string metadata. mlx-lm
+writes {"model", "tokenizer_config"}; edgeprefill adds the same two keys and one more,
+"edgeprefill", a JSON object:
+
+    model_id, config_hash   the model that made it (refused for another one)
+    tokenizer_hash          its tokenizer (vocabulary and chat template)
+    strategy, exact         the prefill that made it; exact is false for kvp and the like
+    tokens                  the cached token ids (for prefix matching)
+
+A cache written by mlx-lm has no "edgeprefill" key: its layers' shapes are checked against the
+model, and the new prompt is taken to continue it (mlx-lm's own rule), since its tokens are not
+recorded.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+from edgeprefill.errors import EdgeprefillError
+
+META_KEY = "edgeprefill"
+
+
+def _hash(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_hash(lm):
+    """What makes two models' caches interchangeable: their config's shape fields and their
+    weights (a checksum of the embedding's first rows: the same model under another path or
+    hub id matches, another fine-tune does not)."""
+    import mlx.core as mx
+    import numpy as np
+
+    c = lm.config
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "vocab_size", "rope_theta", "intermediate_size")
+    emb = lm.model.model.model.embed_tokens.weight[:64]
+    weights = hashlib.sha256(np.array(emb.astype(mx.float32)).tobytes()).hexdigest()[:16]
+    return _hash({k: c.get(k) for k in keys} | {"weights": weights})
+
+
+def tokenizer_hash(tokenizer):
+    """The tokenizer's vocabulary and chat template."""
+    tok = getattr(tokenizer, "_tokenizer", tokenizer)
+    return _hash([sorted(tok.get_vocab().items()), getattr(tok, "chat_template", None)])
+
+
+def common_prefix(a, b):
+    """Length of the longest common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _base_layers(cache):
+    """The mlx-lm KVCaches of a strategy's cache, refusing one whose layers skip positions."""
+    from mlx_lm.models.cache import KVCache
+
+    if hasattr(cache, "next_pos"):  # LazyCache, SelectedCache: not one K/V per prompt token
+        raise EdgeprefillError("this cache skips prompt positions (lazy, gemfilter, specprefill "
+                               "keep only some tokens): make prompt caches with full, mlx-lm, kvp "
+                               "or kvp+specprefill")
+    layers = list(cache)
+    if not all(isinstance(c, KVCache) for c in layers):
+        raise EdgeprefillError("only mlx-lm KVCache layers can be saved as a prompt cache")
+    return layers
+
+
+def _compact(c):
+    """A copy of a KVCache whose buffers end at its offset (mlx-lm's state is the whole
+    preallocated buffer)."""
+    from mlx_lm.models.cache import KVCache
+
+    out = KVCache()
+    if c.offset:
+        out.keys, out.values = c.keys_and_values()
+        out.offset = c.offset
+    return out
+
+
+def save_cache(path, lm, cache, tokens, strategy="full", exact=True, max_bytes=None):
+    """Write a prompt cache file (atomically: a temporary file, then a rename).
+
+    Args:
+        path: the .safetensors file.
+        lm: the LoadedModel that made it.
+        cache: the strategy's cache (its base layers are saved; kvp's aux cache is not).
+        tokens: the token ids it holds.
+        strategy, exact: what made it.
+        max_bytes: refuse a cache larger than this, before anything is written.
+    Returns:
+        The bytes of K/V written.
+    """
+    from mlx_lm.models.cache import save_prompt_cache
+
+    from edgeprefill.fsio import atomic_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise EdgeprefillError(f"a prompt cache file ends in .safetensors (got {path.name}): "
+                               "rename it")
+    layers = [_compact(c) for c in _base_layers(cache)]
+    if len(tokens) != layers[0].offset:
+        raise ValueError(f"{len(tokens)} tokens for a cache of {layers[0].offset}")
+    nbytes = sum(c.keys.nbytes + c.values.nbytes for c in layers)
+    if max_bytes is not None and nbytes > max_bytes:
+        raise EdgeprefillError(f"the prompt cache would take {nbytes / 2**20:.1f} MiB, over the "
+                               f"budget of {max_bytes / 2**20:.1f} MiB: raise --max-cache-mb or "
+                               "cache a shorter prompt")
+    meta = {"model": str(lm.path),  # what mlx-lm loads for --prompt-cache-file
+            "tokenizer_config": json.dumps({}),
+            META_KEY: json.dumps({"model_id": lm.model_id, "config_hash": model_hash(lm),
+                                  "tokenizer_hash": tokenizer_hash(lm.tokenizer),
+                                  "strategy": strategy, "exact": bool(exact),
+                                  "tokens": [int(t) for t in tokens]})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        save_prompt_cache(str(tmp), layers, meta)
+    return nbytes
+
+
+def load_cache(path, lm):
+    """(PromptCache, info) of a prompt cache file for `lm`.
+
+    info: the "edgeprefill" metadata (strategy, exact, tokens, ...), or for a cache written by
+    mlx-lm {"strategy": "mlx-lm", "exact": True, "tokens": None}. A file that is missing,
+    corrupt, or made for another model or tokenizer raises a one-line EdgeprefillError.
+    """
+    from mlx_lm.models.cache import load_prompt_cache
+
+    from edgeprefill.prefill.base import PromptCache
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeprefillError(f"no prompt cache at {path}: make one with `edgeprefill "
+                               "cache-prompt`")
+    try:
+        layers, meta = load_prompt_cache(str(path), return_metadata=True)
+    except Exception as e:  # safetensors' and mlx's errors for a damaged or foreign file
+        raise EdgeprefillError(f"{path} is not a readable prompt cache ({type(e).__name__}): "
+                               "make it again with `edgeprefill cache-prompt`") from None
+    try:
+        info = json.loads(meta[META_KEY]) if META_KEY in meta else None
+    except (TypeError, ValueError):
+        raise EdgeprefillError(f"{path}: its edgeprefill metadata is damaged: make it again")
+    m = lm.model
+    if info is not None:
+        if info.get("config_hash") != model_hash(lm):
+            raise EdgeprefillError(f"{path} was made for {info.get('model_id')}, not "
+                                   f"{lm.model_id}: make a cache with this model")
+        if info.get("tokenizer_hash") != tokenizer_hash(lm.tokenizer):
+            raise EdgeprefillError(f"{path} was made with another tokenizer than "
+                                   f"{lm.model_id}'s: make a cache with this model")
+    else:
+        info = {"strategy": "mlx-lm", "exact": True, "tokens": None, "model_id": meta.get("model")}
+    shape = (m.n_kv_heads, m.head_dim)
+    if len(layers) != m.n_layers or any(
+            c.keys is None or tuple(c.keys.shape[1::2]) != shape for c in layers):
+        raise EdgeprefillError(f"{path} does not fit {lm.model_id} ({len(layers)} layers of "
+                               f"other K/V shapes): make a cache with this model")
+    cache = PromptCache(layers)
+    if info["tokens"] is not None:
+        if len(info["tokens"]) != layers[0].offset:
+            raise EdgeprefillError(f"{path}: its token list does not match its K/V: make it again")
+        cache.tokens = list(info["tokens"])
+    return cache, info
+
+
+def reuse(cache, info, prompt_ids):
+    """Match a loaded cache against a prompt: (cache trimmed to the reused prefix, the prompt
+    tokens still to prefill, reused count). With recorded tokens the longest common prefix is
+    kept (at least one prompt token is always left to prefill, for the first token's logits);
+    without (an mlx-lm cache) the prompt continues the cache."""
+    prompt_ids = list(prompt_ids)
+    if info.get("tokens") is None:
+        return cache, prompt_ids, cache[0].offset
+    n = min(common_prefix(cache.tokens, prompt_ids), len(prompt_ids) - 1)
+    drop = cache[0].offset - n
+    if drop:
+        for c in cache:
+            c.trim(drop)
+        cache.tokens = cache.tokens[:n]
+    return cache, prompt_ids[n:], n
+
+
+def continuing(strategy, lm):
+    """The strategy that prefills the tokens after a loaded cache: `strategy` where it
+    continues an exact base cache (full, mlx-lm), else `full` (kvp, lazy and the selection
+    strategies continue only caches they made themselves)."""
+    from edgeprefill.prefill.full import FullPrefill, MlxLmPrefill
+
+    if isinstance(strategy, (FullPrefill, MlxLmPrefill)):
+        return strategy
+    return FullPrefill(lm.model)

@@ -1,0 +1,122 @@
+"""Prompt caches: mlx-lm's file format both ways, longest-common-prefix reuse, and refusals
+(another model, another tokenizer, a damaged file, a budget) that write nothing."""
+import json
+
+import mlx.core as mx
+import pytest
+from mlx_lm.models.cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+
+from edgeprefill.cache import common_prefix, load_cache, reuse, save_cache
+from edgeprefill.errors import EdgeprefillError
+from edgeprefill.generate import generate
+from edgeprefill.loading import load
+from edgeprefill.prefill import FullPrefill
+from edgeprefill.prefill.registry import build
+
+DOC = [5, 17, 200, 3, 99, 42, 7, 300, 11, 12, 13, 250, 8, 64, 128, 33]
+
+
+def _greedy(lm, ids, cache=None, n=5):
+    return generate(lm.model, lm.tokenizer, ids, FullPrefill(lm.model), cache=cache,
+                    max_tokens=n).tokens
+
+
+def _mlx_lm_greedy(lm, cache, ids, n=5):
+    from mlx_lm.generate import generate_step
+
+    return [t for t, _ in generate_step(mx.array(ids), lm.mlx_model, prompt_cache=cache,
+                                        max_tokens=n)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_our_file_continues_in_mlx_lm_and_matches_a_cold_prefill(tiny_models, family, tmp_path):
+    lm = load(str(tiny_models[family]))
+    path = tmp_path / "c.safetensors"
+    cache, _, _ = FullPrefill(lm.model).prefill(DOC)
+    nbytes = save_cache(path, lm, cache, DOC)
+    assert 0 < nbytes < path.stat().st_size + 1 and not list(tmp_path.glob(".*"))
+    layers, meta = load_prompt_cache(str(path), return_metadata=True)
+    assert meta["model"] == str(lm.path) and json.loads(meta["edgeprefill"])["exact"] is True
+    question = [21, 90, 14, 6]
+    cold = _greedy(lm, DOC + question)
+    assert _mlx_lm_greedy(lm, layers, question) == cold
+
+
+def test_mlx_lm_file_loads_here_and_the_prompt_continues_it(tiny_models, tmp_path):
+    lm = load(str(tiny_models["llama"]))
+    path = tmp_path / "m.safetensors"
+    c = make_prompt_cache(lm.mlx_model)
+    lm.mlx_model(mx.array([DOC]), cache=c)
+    save_prompt_cache(str(path), c, {"model": str(lm.path), "tokenizer_config": "{}"})
+    cache, info = load_cache(path, lm)
+    assert info["strategy"] == "mlx-lm" and info["tokens"] is None
+    question = [21, 90, 14, 6]
+    cache, rest, reused = reuse(cache, info, question)
+    assert rest == question and reused == len(DOC)
+    assert _greedy(lm, rest, cache) == _greedy(lm, DOC + question)
+
+
+def test_longest_common_prefix_is_reused_and_the_rest_prefilled(tiny_models, tmp_path):
+    lm = load(str(tiny_models["qwen2"]))
+    path = tmp_path / "c.safetensors"
+    first = DOC + [21, 90, 14]
+    cache, _, _ = FullPrefill(lm.model).prefill(first)
+    save_cache(path, lm, cache, first)
+    second = DOC + [77, 78, 79, 80]
+    cache, info = load_cache(path, lm)
+    cache, rest, reused = reuse(cache, info, second)
+    assert reused == len(DOC) == common_prefix(first, second) and rest == [77, 78, 79, 80]
+    assert cache[0].offset == len(DOC)
+    assert _greedy(lm, rest, cache) == _greedy(lm, second)
+    # the same prompt again: every token but the last is reused (its logits are needed)
+    cache, info = load_cache(path, lm)
+    cache, rest, reused = reuse(cache, info, first)
+    assert reused == len(first) - 1 and rest == first[-1:]
+
+
+def test_approximate_caches_are_marked_and_position_skipping_ones_refused(tiny_models, tmp_path):
+    lm = load(str(tiny_models["llama"]))
+    from edgeprefill.kvp.pairs import build_predictor
+    from edgeprefill.prefill.kv_prediction import KVPrediction
+
+    aux, pred = build_predictor(lm.model, "T-0.50", "hidden")
+    cache, _, _ = KVPrediction(lm.model, aux, pred, tail=2).prefill(DOC)
+    save_cache(tmp_path / "k.safetensors", lm, cache, DOC, "kvp", exact=False)
+    _, info = load_cache(tmp_path / "k.safetensors", lm)
+    assert info["exact"] is False and info["strategy"] == "kvp"
+    for name in ("lazy-aggressive", "gemfilter"):
+        cache, _, _ = build(name, lm, **({"keep": 0.5} if name == "gemfilter" else {})).prefill(DOC)
+        with pytest.raises(EdgeprefillError, match="skips prompt positions"):
+            save_cache(tmp_path / "x.safetensors", lm, cache, DOC, name, exact=False)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_refusals_name_the_problem_and_write_nothing(tiny_models, tmp_path):
+    lm = load(str(tiny_models["llama"]))
+    other = load(str(tiny_models["qwen3"]))
+    path = tmp_path / "c.safetensors"
+    cache, _, _ = FullPrefill(lm.model).prefill(DOC)
+    with pytest.raises(EdgeprefillError, match="budget"):
+        save_cache(path, lm, cache, DOC, max_bytes=100)
+    assert not path.exists() and not list(tmp_path.iterdir())
+    with pytest.raises(EdgeprefillError, match=".safetensors"):
+        save_cache(tmp_path / "c.bin", lm, cache, DOC)
+    save_cache(path, lm, cache, DOC)
+    with pytest.raises(EdgeprefillError, match="made for"):
+        load_cache(path, other)
+    with pytest.raises(EdgeprefillError, match="no prompt cache"):
+        load_cache(tmp_path / "missing.safetensors", lm)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(EdgeprefillError, match="not a readable prompt cache"):
+        load_cache(bad, lm)
+    # an mlx-lm cache of another shape
+    from edgeprefill.models.random import SHAPES, random_model_folder
+
+    small = load(str(random_model_folder(tmp_path / "m3", shape={**SHAPES["tiny"],
+                                                                 "num_hidden_layers": 3})))
+    c = make_prompt_cache(small.mlx_model)
+    small.mlx_model(mx.array([DOC]), cache=c)
+    save_prompt_cache(str(tmp_path / "o.safetensors"), c, {"model": "x", "tokenizer_config": "{}"})
+    with pytest.raises(EdgeprefillError, match="does not fit"):
+        load_cache(tmp_path / "o.safetensors", lm)
