@@ -41,6 +41,9 @@ def add_parser(sub):
     p.add_argument("--task-rows", type=positive, default=8, help="--task: rows per length")
     p.add_argument("--haystack", default="prose", choices=["filler", "prose", "code"],
                    help="--task: the text the needles hide in")
+    p.add_argument("--prefix-tokens", type=positive, default=None, metavar="P",
+                   help="prompt-cache mode: TTFT of prompts whose first P tokens were prefilled "
+                   "before (cold, warm from a cache file, warm in memory), the rest with full")
     p.add_argument("--json", metavar="FILE", default=None, help="write the records as JSON")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="PNG: TTFT vs prompt length, and quality vs TTFT")
@@ -62,6 +65,8 @@ def run(args):
     if args.aux_shape and not args.shape:
         raise EdgeprefillError("--aux-shape goes with --shape (random-weight models)")
     lm = load_bench_model(args.model, args.shape, args.dtype)
+    if args.prefix_tokens:
+        return run_prefix(args, lm, lengths)
     kvp = f"random:{args.aux_shape}" if args.aux_shape else args.kvp
     console = Console(stderr=True)
     total = len(lengths) * len(strategies) * args.prompts * (args.trials + args.warmup)
@@ -83,6 +88,42 @@ def run(args):
 
         bench_plot(result["records"], args.plot, title)
         print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def run_prefix(args, lm, lengths):
+    """bench --prefix-tokens: the prompt-cache modes' table and JSON."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from edgeprefill.bench import prefix_records
+    from edgeprefill.blas import matmul_gflops
+    from edgeprefill.machine import machine_info, now
+
+    header = {**machine_info(), "date": now(), "model": lm.model_id,
+              "dtype": str(lm.model.dtype).split(".")[-1], "trials": args.trials,
+              "matmul_gflops_fp32": round(matmul_gflops(), 1), "prefix_tokens": args.prefix_tokens}
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("benchmarking", total=len(lengths) * (args.trials + args.warmup))
+        records = prefix_records(lm, lengths, args.prefix_tokens, args.trials, args.warmup,
+                                 random_tokens=args.random_tokens or lm.model_id.startswith(
+                                     "random:"), progress=lambda: bar.advance(task))
+    table = Table(title=f"TTFT with a cached prefix of {args.prefix_tokens} tokens, {lm.model_id}")
+    for col in ("mode", "prompt", "new", "TTFT ms (min-max)", "x cold", "load ms", "file MB",
+                "same token"):
+        table.add_column(col, justify="right")
+    for r in records:
+        table.add_row(r["mode"], str(r["prompt_tokens"]), str(r["new_tokens"]),
+                      f"{r['ttft_s'] * 1e3:.0f} ({r['ttft_min_s'] * 1e3:.0f}-"
+                      f"{r['ttft_max_s'] * 1e3:.0f})", f"{r['x_cold']:.3f}",
+                      f"{r['load_s'] * 1e3:.0f}" if "load_s" in r else "-",
+                      f"{r['file_bytes'] / 1e6:.1f}" if "file_bytes" in r else "-",
+                      "yes" if r["same_first_token"] else "NO")
+    Console(width=max(Console().width, 110)).print(table)
+    if args.json:
+        write_json(args.json, {"header": header, "records": records})
+        print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 

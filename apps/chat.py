@@ -37,6 +37,9 @@ def add_parser(sub):
     p.add_argument("--seed", type=non_negative, default=None)
     p.add_argument("--prompt", default=None,
                    help="one turn, non-interactive ('-' reads stdin); piped stdin works too")
+    p.add_argument("--prompt-cache", default=None, metavar="FILE",
+                   help="start from a prompt cache (edgeprefill cache-prompt): the turns reuse "
+                   "its longest common prefix")
     p.set_defaults(run=run)
 
 
@@ -198,10 +201,33 @@ def run(args):
         signal.signal(signal.SIGINT, signal.default_int_handler)
     lm = load(args.model, dtype=args.dtype)
     session = Session(lm, args, console)
+    if args.prompt_cache:
+        start_from_cache(session, args.prompt_cache, console)
     try:
         return interact(session, console, text if one_shot else None)
     finally:
         session.conv.close()
+
+
+def start_from_cache(session, path, console):
+    """Begin the conversation with a prompt cache's tokens (full prefills the turns where the
+    strategy continues only caches it made)."""
+    from edgeprefill.cache import can_continue, load_cache
+
+    conv = session.conv
+    cache, info = load_cache(path, session.lm)
+    if info["tokens"] is None:
+        session.conv.close()
+        raise EdgeprefillError(f"{path} has no token list (mlx-lm made it): chat reuses caches "
+                               "made by `edgeprefill cache-prompt`")
+    if not can_continue(conv.strategy):
+        console.print(f"[dim]{conv.strategy_name} continues only caches it made: turns are "
+                      "prefilled with full[/dim]", highlight=False)
+        conv.set_strategy("full")
+    conv.cache = cache
+    state = "exact" if info["exact"] else f"approximate ({info['strategy']})"
+    console.print(f"[dim]prompt cache: {len(cache.tokens)} tokens, {state}[/dim]",
+                  highlight=False)
 
 
 def interact(session, console, one_shot_text=None):

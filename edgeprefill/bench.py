@@ -293,3 +293,84 @@ def run_bench(lm, strategies, lengths, backend="mlx", device="cpu", trials=3, wa
     finally:
         runner.close()
     return {"header": header, "records": records}
+
+
+def prefix_records(lm, lengths, prefix_tokens, trials=3, warmup=1, folder=None,
+                   random_tokens=False, progress=None):
+    """TTFT of prompts whose first `prefix_tokens` tokens were prefilled before: one record per
+    (mode, prompt length) for three modes:
+
+        cold         full prefill of the whole prompt;
+        warm-file    the prefix's cache loaded from a prompt-cache file (the load is timed),
+                     its longest common prefix kept, the rest prefilled with full;
+        warm-memory  the prefix's cache already in memory (as a chat's next turn, or a server's
+                     prefix cache), the rest prefilled with full.
+
+    Every mode gives the same first token (checked). `folder` holds the cache file (default: a
+    temporary folder, removed afterwards).
+    """
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from edgeprefill.cache import load_cache, reuse, save_cache
+    from edgeprefill.prefill import FullPrefill
+
+    check_lengths(lm, lengths, 0)
+    if any(n <= prefix_tokens for n in lengths):
+        raise EdgeprefillError(f"--prefix-tokens {prefix_tokens} must be below every "
+                               "--prompt-tokens: the new tokens come after it")
+    full = FullPrefill(lm.model)
+    records = []
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        path = Path(tmp) / "prefix.safetensors"
+        for n in lengths:
+            ids = bench_prompt_sets(lm, n, 1, 0, random_tokens)[0][0]
+            prefix = ids[:prefix_tokens]
+            pcache, _, _ = full.prefill(prefix)
+            nbytes = save_cache(path, lm, pcache, prefix)
+            times = {"cold": [], "warm-file": [], "warm-memory": []}
+            loads, first = [], {}
+            for k in range(warmup + trials):
+                t0 = time.perf_counter()
+                _, logits, _ = full.prefill(ids)
+                t_cold = time.perf_counter() - t0
+                first.setdefault("cold", int(np.argmax(np.array(logits))))
+                t0 = time.perf_counter()
+                cache, info = load_cache(path, lm)
+                cache, rest, _ = reuse(cache, info, ids)
+                import mlx.core as mx
+
+                mx.eval([c.keys for c in cache])
+                t_load = time.perf_counter() - t0
+                _, logits, _ = full.prefill(rest, cache=cache)
+                t_file = time.perf_counter() - t0
+                first.setdefault("warm-file", int(np.argmax(np.array(logits))))
+                for c in pcache:  # back to the prefix: the memory cache is reused as it is
+                    c.trim(c.offset - prefix_tokens)
+                pcache.tokens = list(prefix)
+                t0 = time.perf_counter()
+                _, logits, _ = full.prefill(ids[prefix_tokens:], cache=pcache)
+                t_mem = time.perf_counter() - t0
+                first.setdefault("warm-memory", int(np.argmax(np.array(logits))))
+                if k >= warmup:
+                    times["cold"].append(t_cold)
+                    times["warm-file"].append(t_file)
+                    times["warm-memory"].append(t_mem)
+                    loads.append(t_load)
+                if progress:
+                    progress()
+            cold = statistics.median(times["cold"])
+            for mode, ts in times.items():
+                med = statistics.median(ts)
+                records.append({"mode": mode, "prompt_tokens": n, "prefix_tokens": prefix_tokens,
+                                "new_tokens": n - prefix_tokens, "ttft_s": med,
+                                "ttft_min_s": min(ts), "ttft_max_s": max(ts), "trials": len(ts),
+                                "x_cold": med / cold, "first_token": first[mode],
+                                "same_first_token": first[mode] == first["cold"],
+                                **({"load_s": statistics.median(loads), "file_bytes":
+                                    path.stat().st_size, "kv_bytes": nbytes}
+                                   if mode == "warm-file" else {})})
+    return records

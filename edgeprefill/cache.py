@@ -183,20 +183,34 @@ def reuse(cache, info, prompt_ids):
     if info.get("tokens") is None:
         return cache, prompt_ids, cache[0].offset
     n = min(common_prefix(cache.tokens, prompt_ids), len(prompt_ids) - 1)
+    trim_to(cache, n)
+    return cache, prompt_ids[n:], n
+
+
+def trim_to(cache, n):
+    """Trim a PromptCache (its aux cache too) to its first n tokens, in place."""
     drop = cache[0].offset - n
-    if drop:
+    if drop > 0:
         for c in cache:
             c.trim(drop)
-        cache.tokens = cache.tokens[:n]
-    return cache, prompt_ids[n:], n
+    aux = getattr(cache, "aux", None)
+    if aux and aux[0].offset > n:
+        for c in aux:
+            c.trim(aux[0].offset - n)
+    del cache.tokens[n:]
+
+
+def can_continue(strategy):
+    """True where `strategy` continues an exact base cache it did not make (full, mlx-lm)."""
+    from edgeprefill.prefill.full import FullPrefill, MlxLmPrefill
+
+    return isinstance(strategy, (FullPrefill, MlxLmPrefill))
 
 
 def continuing(strategy, lm):
     """The strategy that prefills the tokens after a loaded cache: `strategy` where it
     continues an exact base cache (full, mlx-lm), else `full` (kvp, lazy and the selection
     strategies continue only caches they made themselves)."""
-    from edgeprefill.prefill.full import FullPrefill, MlxLmPrefill
+    from edgeprefill.prefill.full import FullPrefill
 
-    if isinstance(strategy, (FullPrefill, MlxLmPrefill)):
-        return strategy
-    return FullPrefill(lm.model)
+    return strategy if can_continue(strategy) else FullPrefill(lm.model)

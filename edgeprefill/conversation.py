@@ -11,15 +11,6 @@ from edgeprefill.errors import EdgeprefillError
 SAVE_FORMAT = "edgeprefill-chat/1"
 
 
-def common_prefix(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class Conversation:
     """Messages, the caches after the last turn and the strategy that prefills each turn.
 
@@ -68,6 +59,8 @@ class Conversation:
     def _new_tokens(self, ids):
         """Tokens to prefill: what the cache lacks; the cache is trimmed to the common prefix
         when the re-rendered conversation differs from what it holds."""
+        from edgeprefill.cache import common_prefix, trim_to
+
         if self.cache is None:
             return ids
         held = self.cache.tokens
@@ -78,14 +71,7 @@ class Conversation:
             self.cache = None
             return ids
         n = min(n, len(ids) - 1)  # at least one new token to prefill
-        drop = len(held) - n
-        for c in self.cache:
-            c.trim(drop)
-        aux = getattr(self.cache, "aux", None)
-        if aux and aux[0].offset > n:
-            for c in aux:
-                c.trim(aux[0].offset - n)
-        del self.cache.tokens[n:]
+        trim_to(self.cache, n)
         return ids[n:]
 
     def finish_turn(self, text, reply, result):

@@ -51,3 +51,32 @@ def test_bad_caches_are_refused_in_one_line(tiny_models, cli_env, tmp_path):
     out.write_bytes(b"not a cache")
     r = cli(["generate", "--model", model, "--prompt", "hi", "--prompt-cache", str(out)], cli_env)
     _one_error_line(r, "not a readable prompt cache")
+
+
+def test_bench_prefix_mode_times_cold_file_and_memory(tiny_models, cli_env, tmp_path):
+    out = tmp_path / "p.json"
+    r = cli(["bench", "--model", str(tiny_models["qwen3"]), "--prefix-tokens", "96",
+             "--prompt-tokens", "128,160", "--trials", "2", "--json", str(out)], cli_env)
+    assert r.returncode == 0, r.stderr
+    recs = json.loads(out.read_text())["records"]
+    assert [(x["mode"], x["prompt_tokens"]) for x in recs] == [
+        (m, n) for n in (128, 160) for m in ("cold", "warm-file", "warm-memory")]
+    for x in recs:
+        assert x["same_first_token"] and x["ttft_s"] > 0 and x["trials"] == 2
+        assert x["new_tokens"] == x["prompt_tokens"] - 96
+    assert all(x["load_s"] > 0 and x["file_bytes"] > 0 for x in recs if x["mode"] == "warm-file")
+    r = cli(["bench", "--model", str(tiny_models["qwen3"]), "--prefix-tokens", "200",
+             "--prompt-tokens", "128"], cli_env)
+    _one_error_line(r, "--prefix-tokens")
+
+
+def test_chat_starts_from_a_prompt_cache(tiny_models, cli_env, tmp_path):
+    model = str(tiny_models["llama"])
+    out = tmp_path / "c.safetensors"
+    r = cli(["cache-prompt", "--model", model, "--prompt", DOC, "--out", str(out)], cli_env)
+    assert r.returncode == 0, r.stderr
+    r = cli(["chat", "--model", model, "--prompt-cache", str(out), "--prompt", DOC,
+             "--max-tokens", "4", "--strategy", "lazy"], cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "prompt cache:" in r.stderr and "exact" in r.stderr
+    assert "prefilled with full" in r.stderr
