@@ -19,7 +19,7 @@ _use_fast_blas()
 # As in mlx-lm, the functions take the names of the modules they live beside (generate, prefill):
 # imported here, the names are the functions.
 from edgeprefill.api import (EdgeprefillError, GenerationResponse, PrefillResult,  # noqa: E402
-                             generate, load, prefill, stream_generate)
+                             PrefixCache, generate, load, prefill, stream_generate)
 
 __all__ = ["load", "generate", "stream_generate", "prefill", "GenerationResponse",
-           "PrefillResult", "EdgeprefillError"]
+           "PrefillResult", "PrefixCache", "EdgeprefillError"]

@@ -21,6 +21,7 @@ from edgeprefill.loading import load as load_model
 from edgeprefill.prefill import registry
 from edgeprefill.prefill.base import PrefillStats
 from edgeprefill.prefill.lazy import LazyCache
+from edgeprefill.cache import PrefixCache
 from edgeprefill.prefill.selection import SelectedCache
 
 
@@ -52,6 +53,7 @@ class GenerationResponse:
     finish_reason: None until the last response: 'stop' (an end token), 'length'
         (max_tokens) or 'context' (the model's window is full).
     stats: on the last response, every prefill and decode figure as a dict.
+    cache: on the last response, the caches (prompt and answer) the prefill and decoding made.
     """
 
     text: str
@@ -65,6 +67,7 @@ class GenerationResponse:
     strategy: str
     finish_reason: Optional[str] = None
     stats: dict = field(default_factory=dict)
+    cache: object = field(default=None, repr=False)
 
 
 @dataclass
@@ -122,7 +125,7 @@ def _closing(strat, given):
 
 def stream_generate(model, prompt, strategy="full", max_tokens=256, temp=0.0, top_p=1.0,
                     seed=None, system=None, chat_template=True, kvp=None, kvp_tail=None,
-                    **strategy_options):
+                    prompt_cache=None, **strategy_options):
     """Prefill `prompt` with `strategy`, then stream the answer.
 
     Args:
@@ -132,23 +135,59 @@ def stream_generate(model, prompt, strategy="full", max_tokens=256, temp=0.0, to
         max_tokens, temp, top_p, seed: decoding, as mlx-lm's (temp 0: greedy).
         system: optional system message for a text prompt.
         kvp, kvp_tail: the KV Prediction pair folder and exact tail (kvp strategies).
+        prompt_cache: an edgeprefill.PrefixCache (in memory: the longest cached prefix is
+            reused and this prompt's cache is kept there afterwards) or a prompt-cache file
+            (`edgeprefill cache-prompt`). The uncached rest is prefilled with `strategy` where
+            it continues a cache it did not make (full, mlx-lm), else with full.
     Yields:
-        GenerationResponse per token; the last has finish_reason and stats set.
+        GenerationResponse per token; the last has finish_reason and stats set (with
+        cached_tokens when a prompt cache was used).
     """
     model = _loaded(model)
     ids = _token_ids(model, prompt, system, chat_template)
     check_sampling(max_tokens, temp, top_p)
     strat = _strategy(model, strategy, kvp, kvp_tail, strategy_options)
     try:
-        yield from _stream(model, ids, strat, max_tokens, temp, top_p, seed)
+        cache, ids, cached, run = _from_prompt_cache(model, prompt_cache, ids, strat)
+        for r in _stream(model, ids, run, max_tokens, temp, top_p, seed, cache, cached):
+            if r.finish_reason is not None and isinstance(prompt_cache, PrefixCache):
+                name = getattr(run, "name", str(strategy))
+                prompt_cache.store(r.cache, name, _is_exact(name))
+            yield r
     finally:
         _closing(strat, strategy)
 
 
-def _stream(model, ids, strat, max_tokens, temp, top_p, seed):
+def _is_exact(name):
+    try:
+        return registry.parse(name)[0].exact
+    except EdgeprefillError:
+        return False
+
+
+def _from_prompt_cache(model, prompt_cache, ids, strat):
+    """(cache or None, tokens to prefill, {"cached_tokens", ...}, the strategy that runs)."""
+    from edgeprefill.cache import continuing, load_cache, reuse
+
+    if prompt_cache is None:
+        return None, ids, {}, strat
+    if isinstance(prompt_cache, PrefixCache):
+        cache, info = prompt_cache.lookup(ids)
+        if cache is None:
+            return None, ids, {"cached_tokens": 0}, strat
+        n = len(cache.tokens)
+        ids = ids[n:]
+    else:
+        cache, info = load_cache(prompt_cache, model)
+        cache, ids, n = reuse(cache, info, ids)
+    return cache, ids, {"cached_tokens": n, "cache_exact": info["exact"]}, continuing(strat,
+                                                                                       model)
+
+
+def _stream(model, ids, strat, max_tokens, temp, top_p, seed, cache=None, cached=None):
     n, t_first = 0, None
-    for event in stream_tokens(model.model, model.tokenizer, ids, strat, max_tokens=max_tokens,
-                               temp=temp, top_p=top_p, seed=seed):
+    for event in stream_tokens(model.model, model.tokenizer, ids, strat, cache=cache,
+                               max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed):
         p = event.prefill
         if event.token is not None:
             n += 1
@@ -162,7 +201,8 @@ def _stream(model, ids, strat, max_tokens, temp, top_p, seed):
             peak_memory=mx.get_peak_memory() / 1e9, strategy=p.strategy,
             finish_reason=({"eos": "stop"}.get(event.result.finish_reason,
                                                event.result.finish_reason) if done else None),
-            stats=event.result.stats() if done else {})
+            stats={**event.result.stats(), **(cached or {})} if done else {},
+            cache=event.result.cache if done else None)
 
 
 def generate(model, prompt, strategy="full", verbose=False, **kwargs):
@@ -268,4 +308,4 @@ def prefill(model, tokens, strategy="full", kvp=None, kvp_tail=None, **strategy_
 
 
 __all__ = ["load", "generate", "stream_generate", "prefill", "GenerationResponse",
-           "PrefillResult", "EdgeprefillError"]
+           "PrefillResult", "PrefixCache", "EdgeprefillError"]

@@ -214,3 +214,65 @@ def continuing(strategy, lm):
     from edgeprefill.prefill.full import FullPrefill
 
     return strategy if can_continue(strategy) else FullPrefill(lm.model)
+
+
+class PrefixCache:
+    """Prompt caches kept in memory, bounded in bytes, least recently used out first: a new
+    prompt reuses the longest common prefix among them (the Python API's `prompt_cache=`; a
+    chat's next turn, a document asked about many times).
+
+    Args:
+        max_bytes: the K/V bytes kept (default 1 GiB).
+    """
+
+    def __init__(self, max_bytes=2**30):
+        from collections import OrderedDict
+
+        self.max_bytes = max_bytes
+        self.entries = OrderedDict()  # tuple(tokens) -> (layers, nbytes, info)
+        self.nbytes = 0
+
+    def __len__(self):
+        return len(self.entries)
+
+    def lookup(self, ids):
+        """(a PromptCache holding the longest cached prefix of `ids`, info) or (None, None).
+        At least one token of `ids` is left to prefill; the stored entry is not changed."""
+        from edgeprefill.prefill.base import PromptCache
+
+        ids = list(ids)
+        best, n = None, 0
+        for key in self.entries:
+            k = min(common_prefix(key, ids), len(ids) - 1)
+            if k > n:
+                best, n = key, k
+        if best is None:
+            return None, None
+        self.entries.move_to_end(best)
+        layers, _, info = self.entries[best]
+        cache = PromptCache([_compact(c) for c in layers])
+        cache.tokens = list(best)
+        trim_to(cache, n)
+        return cache, info
+
+    def store(self, cache, strategy="full", exact=True):
+        """Keep a copy of `cache` (its tokens: cache.tokens). Returns False (nothing kept)
+        for a cache whose layers skip positions, one without a token list, or one larger than
+        the budget; older entries go first to make room."""
+        try:
+            layers = [_compact(c) for c in _base_layers(cache)]
+        except EdgeprefillError:
+            return False
+        tokens = tuple(getattr(cache, "tokens", ()))
+        if not tokens or len(tokens) != layers[0].offset:
+            return False
+        nbytes = sum(c.keys.nbytes + c.values.nbytes for c in layers)
+        if nbytes > self.max_bytes:
+            return False
+        if tokens in self.entries:
+            self.nbytes -= self.entries.pop(tokens)[1]
+        while self.entries and self.nbytes + nbytes > self.max_bytes:
+            self.nbytes -= self.entries.popitem(last=False)[1][1]
+        self.entries[tokens] = (layers, nbytes, {"strategy": strategy, "exact": bool(exact)})
+        self.nbytes += nbytes
+        return True

@@ -120,3 +120,34 @@ def test_refusals_name_the_problem_and_write_nothing(tiny_models, tmp_path):
     save_prompt_cache(str(tmp_path / "o.safetensors"), c, {"model": "x", "tokenizer_config": "{}"})
     with pytest.raises(EdgeprefillError, match="does not fit"):
         load_cache(tmp_path / "o.safetensors", lm)
+
+
+def test_prefix_cache_in_memory_reuses_turns_and_stays_in_budget(tiny_models):
+    import edgeprefill
+    from edgeprefill.cache import PrefixCache
+
+    lm = edgeprefill.load(str(tiny_models["llama"]))
+    pc = PrefixCache()
+    doc = "The river Danube flows through ten countries. " * 5
+    runs = []
+    for q in ("How many countries?", "Which river?", "How many countries?"):
+        last = None
+        for r in edgeprefill.stream_generate(lm, doc + q, max_tokens=4, prompt_cache=pc):
+            last = r
+        runs.append(last.stats)
+    assert runs[0]["cached_tokens"] == 0
+    assert runs[1]["cached_tokens"] > 20 and runs[1]["cache_exact"] is True
+    assert runs[2]["cached_tokens"] > runs[1]["cached_tokens"]  # the same question again
+    assert len(pc) == 2 and pc.nbytes <= pc.max_bytes  # the repeated turn replaced its entry
+    # the answers equal the cold ones
+    for q in ("How many countries?", "Which river?"):
+        assert edgeprefill.generate(lm, doc + q, max_tokens=4, prompt_cache=pc) == \
+            edgeprefill.generate(lm, doc + q, max_tokens=4)
+    # a budget for one entry keeps only the newest; a position-skipping cache is not kept
+    small = PrefixCache(max_bytes=int(pc.nbytes * 0.75))  # room for one entry, not two
+    for q in ("a", "b"):
+        edgeprefill.generate(lm, doc + q, max_tokens=2, prompt_cache=small)
+    assert len(small) == 1 and small.nbytes <= small.max_bytes
+    lazy = PrefixCache()
+    edgeprefill.generate(lm, doc, max_tokens=2, strategy="lazy", prompt_cache=lazy)
+    assert len(lazy) == 0
