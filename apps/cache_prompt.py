@@ -14,9 +14,12 @@ def add_parser(sub):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text, or '-' to read stdin")
     src.add_argument("--prompt-file", help="a UTF-8 file holding the prompt")
+    src.add_argument("--heal", metavar="FILE",
+                     help="recompute an approximate cache file (kvp) exactly, in place (or to "
+                     "--out)")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--no-chat-template", action="store_true", help="encode the raw prompt")
-    p.add_argument("--out", required=True, help="the cache file to write (.safetensors)")
+    p.add_argument("--out", default=None, help="the cache file to write (.safetensors)")
     p.add_argument("--max-cache-mb", type=positive_float, default=None,
                    help="refuse a cache larger than this (MiB), before writing it")
     add_strategy_args(p)
@@ -42,6 +45,10 @@ def run(args):
     from edgeprefill.prefill.registry import parse
 
     spec, _ = parse(args.strategy)
+    if args.heal:
+        return heal_file(args)
+    if args.out is None:
+        raise EdgeprefillError("--out FILE.safetensors is needed: where to write the cache")
     if not args.out.endswith(".safetensors"):
         raise EdgeprefillError(f"--out must end in .safetensors (got {args.out}): rename it")
     prompt = read_prompt(args.prompt) if args.prompt is not None else read_prompt_file(
@@ -64,4 +71,26 @@ def run(args):
     exact = "exact" if spec.exact else "approximate"
     print(f"cached {len(ids)} tokens ({nbytes / 2**20:.1f} MiB, {exact}, {spec.name} prefill "
           f"{stats.ttft_s * 1000:.0f} ms) in {args.out}", file=sys.stderr)
+    return 0
+
+
+def heal_file(args):
+    """cache-prompt --heal FILE: the exact cache of the file's tokens, written atomically."""
+    import time
+
+    from edgeprefill.cache import heal, load_cache, save_cache
+    from edgeprefill.loading import load
+
+    lm = load(args.model, dtype=args.dtype)
+    cache, info = load_cache(args.heal, lm)
+    out = args.out or args.heal
+    if info["exact"]:
+        print(f"{args.heal} is exact already: nothing to heal", file=sys.stderr)
+        return 0
+    t0 = time.perf_counter()
+    healed = heal(lm, cache)
+    budget = None if args.max_cache_mb is None else int(args.max_cache_mb * 2**20)
+    save_cache(out, lm, healed, healed.tokens, "full", True, budget)
+    print(f"healed {len(healed.tokens)} tokens ({info['strategy']} -> exact) in "
+          f"{time.perf_counter() - t0:.1f} s: {out}", file=sys.stderr)
     return 0

@@ -15,6 +15,7 @@ HELP = """commands:
   /strategy NAME     switch prefill strategy (edgeprefill strategies lists them)
   /system TEXT       set the system message (starts a new conversation)
   /stats             session totals
+  /heal              recompute an approximate (kvp) cache exactly, now
   /save FILE         save the conversation and its caches
   /load FILE         load a saved conversation (no prefill needed)
   /quit              exit (Ctrl-D too)
@@ -37,6 +38,9 @@ def add_parser(sub):
     p.add_argument("--seed", type=non_negative, default=None)
     p.add_argument("--prompt", default=None,
                    help="one turn, non-interactive ('-' reads stdin); piped stdin works too")
+    p.add_argument("--heal", action="store_true",
+                   help="after each approximate turn (kvp), compute the exact cache in the "
+                   "background and swap it in at the next turn when ready")
     p.add_argument("--prompt-cache", default=None, metavar="FILE",
                    help="start from a prompt cache (edgeprefill cache-prompt): the turns reuse "
                    "its longest common prefix")
@@ -51,6 +55,7 @@ class Session:
 
         self.lm, self.args, self.console = lm, args, console
         self.conv = Conversation(lm, args.strategy, self.build, args.system)
+        self.conv.auto_heal = getattr(args, "heal", False)
 
     def build(self, name):
         from edgeprefill.apps.shared import build_strategy
@@ -109,8 +114,9 @@ class Session:
             return None
         st = result.stats()
         note = " | context full" if result.finish_reason == "context" else ""
-        self.console.print(f"[dim]{stats_line(st)} | context {st['context_tokens']}{note}[/dim]",
-                           highlight=False)
+        state = "exact" if conv.exact else "approximate" + (", healing" if conv.healer else "")
+        self.console.print(f"[dim]{stats_line(st)} | context {st['context_tokens']} | cache "
+                           f"{state}{note}[/dim]", highlight=False)
         if result.finish_reason == "context":
             self.console.print("[yellow]the model's context window is full: /reset to start "
                                "a new conversation[/yellow]")
@@ -159,6 +165,11 @@ def command(session, text):
         session.conv.system = arg or None
         session.conv.reset()
         say("[dim]system message set; conversation reset[/dim]")
+    elif name == "heal":
+        t0 = time.perf_counter()
+        n = session.conv.heal()
+        say(f"[dim]healed {n} tokens in {time.perf_counter() - t0:.1f} s: the cache is exact"
+            "[/dim]" if n else "[dim]nothing to heal yet[/dim]")
     elif name == "stats":
         say(f"[dim]{session.conv.summary()}[/dim]")
     elif name == "save":

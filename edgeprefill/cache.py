@@ -276,3 +276,64 @@ class PrefixCache:
         self.entries[tokens] = (layers, nbytes, {"strategy": strategy, "exact": bool(exact)})
         self.nbytes += nbytes
         return True
+
+
+def heal(lm, cache, chunk_size=None):
+    """The exact K/V of the tokens an approximate cache holds (a full prefill of
+    cache.tokens): a PromptCache that replaces it, keeping its aux cache (kvp's next turn
+    continues from there). Only caches with one K/V per token (kvp's, a file's) heal."""
+    _base_layers(cache)  # refuses lazy and selection caches, which skip positions
+    if not cache.tokens or len(cache.tokens) != cache[0].offset:
+        raise EdgeprefillError("this cache has no token list to recompute: it cannot be healed")
+    healed = _heal_tokens(lm, list(cache.tokens), chunk_size)
+    healed.aux = getattr(cache, "aux", None)
+    return healed
+
+
+class Healer:
+    """heal() in a background thread (on its own MLX stream), while the user reads an answer.
+
+    take(cache) returns the healed cache once it is ready and `cache` still holds exactly the
+    tokens it was started from (a turn boundary), else None.
+    """
+
+    def __init__(self, lm, cache):
+        import threading
+
+        _base_layers(cache)
+        self.lm, self.tokens, self.result, self.error = lm, list(cache.tokens), None, None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        import mlx.core as mx
+
+        try:
+            with mx.stream(mx.new_stream(mx.default_device())):
+                self.result = _heal_tokens(self.lm, self.tokens)
+        except Exception as e:  # noqa: BLE001  (reported by take's caller)
+            self.error = e
+
+    def done(self):
+        return not self.thread.is_alive()
+
+    def wait(self):
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def take(self, cache):
+        if not self.done() or self.result is None or list(cache.tokens) != self.tokens:
+            return None
+        self.result.aux = getattr(cache, "aux", None)
+        return self.result
+
+
+def _heal_tokens(lm, tokens, chunk_size=None):
+    import mlx.core as mx
+
+    from edgeprefill.prefill.full import FullPrefill
+
+    healed, _, _ = FullPrefill(lm.model, chunk_size).prefill(tokens)
+    mx.eval([c.keys_and_values() for c in healed])
+    return healed

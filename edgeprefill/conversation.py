@@ -27,6 +27,8 @@ class Conversation:
         self.lm, self.system = lm, system
         self.build = build or (lambda n: build_named(n, lm))
         self.messages, self.cache, self.strategy = [], None, None
+        self.exact = True  # every token of the cache was prefilled exactly (or healed)
+        self.auto_heal, self.healer = False, None
         self.totals = {"turns": 0, "prompt_tokens": 0, "generated_tokens": 0, "ttft_s": 0.0,
                        "decode_s": 0.0}
         self.set_strategy(name)
@@ -39,9 +41,31 @@ class Conversation:
         if hasattr(self.strategy, "close"):
             self.strategy.close()
         self.strategy, self.strategy_name, self.cache = new, name, None
+        self.exact, self.healer = True, None
 
     def reset(self):
-        self.messages, self.cache = [], None
+        self.messages, self.cache, self.exact, self.healer = [], None, True, None
+
+    def heal(self):
+        """Replace the cache by the exact prefill of its tokens now (edgeprefill.cache.heal);
+        returns the tokens healed."""
+        from edgeprefill.cache import heal
+
+        if self.cache is None:
+            return 0
+        self.healer = None
+        self.cache = heal(self.lm, self.cache)
+        self.exact = True
+        return len(self.cache.tokens)
+
+    def _swap_healed(self):
+        """At a turn boundary: the background healer's exact cache, if it is ready."""
+        if self.healer is None or self.cache is None:
+            return
+        healed = self.healer.take(self.cache)
+        self.healer = None  # ready or not: the cache changes with this turn
+        if healed is not None:
+            self.cache, self.exact = healed, True
 
     def close(self):
         if hasattr(self.strategy, "close"):
@@ -54,6 +78,7 @@ class Conversation:
         from edgeprefill.generate import build_prompt
 
         ids = build_prompt(self.lm.tokenizer, text, system=self.system, history=self.messages)
+        self._swap_healed()
         return ids, self._new_tokens(ids)
 
     def _new_tokens(self, ids):
@@ -85,11 +110,27 @@ class Conversation:
                 self.cache = None
         else:
             self.cache = result.cache
+            self.exact = self.exact and self._strategy_exact()
+            if self.auto_heal and not self.exact:
+                self._start_healer()
             st = result.stats()
             for k in ("prompt_tokens", "generated_tokens", "ttft_s", "decode_s"):
                 self.totals[k] += st[k]
             self.totals["turns"] += 1
         self.messages = msgs
+
+    def _strategy_exact(self):
+        from edgeprefill.prefill.registry import parse
+
+        return parse(self.strategy_name)[0].exact
+
+    def _start_healer(self):
+        from edgeprefill.cache import Healer
+
+        try:
+            self.healer = Healer(self.lm, self.cache)
+        except EdgeprefillError:  # lazy and selection caches skip positions: nothing to heal
+            self.healer = None
 
     def summary(self):
         """The session's totals in one line."""

@@ -80,3 +80,19 @@ def test_chat_starts_from_a_prompt_cache(tiny_models, cli_env, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "prompt cache:" in r.stderr and "exact" in r.stderr
     assert "prefilled with full" in r.stderr
+
+
+def test_cache_prompt_heals_an_approximate_file(tiny_models, cli_env, tmp_path):
+    model = str(tiny_models["llama"])
+    art, out = tmp_path / "art", tmp_path / "k.safetensors"
+    r = cli(["kvp", "fit", "--model", model, "--aux", "T-0.50", "--tokens", "300", "--chunk",
+             "60", "--eval-pairs", "0", "--out", str(art)], cli_env)
+    assert r.returncode == 0, r.stderr
+    r = cli(["cache-prompt", "--model", model, "--prompt", DOC, "--out", str(out),
+             "--strategy", "kvp", "--kvp", str(art)], cli_env)
+    assert r.returncode == 0 and "approximate" in r.stderr, r.stderr
+    r = cli(["cache-prompt", "--model", model, "--heal", str(out)], cli_env)
+    assert r.returncode == 0 and "kvp -> exact" in r.stderr, r.stderr
+    r = cli(["generate", "--model", model, "--prompt", DOC + "?", "--prompt-cache", str(out),
+             "--max-tokens", "3", "--json"], cli_env)
+    assert r.returncode == 0 and json.loads(r.stdout)["stats"]["cache_exact"] is True

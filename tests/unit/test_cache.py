@@ -151,3 +151,43 @@ def test_prefix_cache_in_memory_reuses_turns_and_stays_in_budget(tiny_models):
     lazy = PrefixCache()
     edgeprefill.generate(lm, doc, max_tokens=2, strategy="lazy", prompt_cache=lazy)
     assert len(lazy) == 0
+
+
+def test_healing_replaces_a_kvp_cache_by_the_exact_one_and_kvp_continues(tiny_models):
+    from edgeprefill.cache import Healer, heal
+    from edgeprefill.conversation import Conversation
+    from edgeprefill.kvp.pairs import build_predictor
+    from edgeprefill.prefill.kv_prediction import KVPrediction
+
+    lm = load(str(tiny_models["llama"]))
+    m = lm.model
+    mx.random.seed(0)
+    aux, pred = build_predictor(m, "T-0.50", "hidden")
+    kvp = KVPrediction(m, aux, pred, tail=2)
+    approx, _, _ = kvp.prefill(DOC)
+    exact, _, _ = FullPrefill(m).prefill(DOC)
+    last = m.n_layers - 1
+    gap = lambda c: float(mx.abs(c[last].keys_and_values()[0] - exact[last].keys_and_values()[0]).max())  # noqa: E731
+    assert gap(approx) > 1e-3
+    healed = heal(lm, approx)
+    assert gap(healed) < 1e-5 and healed.aux is approx.aux and healed.tokens == DOC
+    # in the background: ready at the boundary, refused when the cache moved on
+    h = Healer(lm, approx)
+    h.wait()
+    assert gap(h.take(approx)) < 1e-5
+    moved = kvp.prefill([7, 8], cache=approx)[0]
+    assert h.take(moved) is None
+    # a conversation: kvp turns, healed between turns, and kvp still continues after it
+    conv = Conversation(lm, "kvp", build=lambda name: kvp)
+    conv.auto_heal = True
+    for text in ("first question about rivers", "and a second one"):
+        ids, new = conv.prompt_ids(text)
+        r = generate(m, lm.tokenizer, new, conv.strategy, cache=conv.cache, max_tokens=3)
+        conv.finish_turn(text, r.text, r)
+        assert conv.exact is False and conv.healer is not None
+        conv.healer.wait()
+    conv._swap_healed()
+    assert conv.exact is True and conv.cache.aux is not None
+    ref, _, _ = FullPrefill(m).prefill(conv.cache.tokens)
+    assert float(mx.abs(conv.cache[last].keys_and_values()[0]
+                        - ref[last].keys_and_values()[0]).max()) < 1e-5
