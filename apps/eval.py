@@ -27,6 +27,9 @@ def add_parser(sub):
     p.add_argument("--haystack", default="prose", choices=["filler", "prose", "code"],
                    help="--task: the text the needles hide in")
     p.add_argument("--seed", type=non_negative, default=0, help="--task: which rows")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
+                   help="--task: the strategies decode over a 4- or 8-bit cache (full, the "
+                   "reference, over the exact one)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -136,14 +139,14 @@ def run_task(args, names):
     built = {n: build_strategy(args, lm, n, console) for n in names}
     try:
         records = with_bar(console, "answering", lambda progress: evaluate_task(
-            lm, built, sets, progress))
+            lm, built, sets, progress, kv_bits=args.kv_bits))
     finally:
         for s in built.values():
             if hasattr(s, "close"):
                 s.close()
     payload = {"command": command_line(), "date": now(), "machine": machine_info(),
                "model": lm.model_id, "task": args.task or "data", "haystack": args.haystack,
-               "seed": args.seed, "records": records}
+               "seed": args.seed, "kv_bits": args.kv_bits, "records": records}
     if args.json:
         print(json.dumps(payload, indent=2))
         return 0

@@ -24,6 +24,8 @@ def add_parser(sub):
     p.add_argument("--prompt-cache", default=None, metavar="FILE",
                    help="a prompt cache (edgeprefill cache-prompt, or mlx-lm's): its longest "
                    "common prefix with this prompt is reused, only the rest is prefilled")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
+                   help="decode over a 4- or 8-bit quantized cache (as mlx-lm's --kv-bits)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text and stats)")
     p.set_defaults(run=run)
 
@@ -63,7 +65,7 @@ def run(args):
     try:
         for event in stream_generate(lm.model, lm.tokenizer, ids, strategy, cache=cache,
                                      max_tokens=args.max_tokens, temp=args.temp,
-                                     top_p=args.top_p, seed=args.seed):
+                                     top_p=args.top_p, seed=args.seed, kv_bits=args.kv_bits):
             if not args.json:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()

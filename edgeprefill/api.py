@@ -125,7 +125,7 @@ def _closing(strat, given):
 
 def stream_generate(model, prompt, strategy="full", max_tokens=256, temp=0.0, top_p=1.0,
                     seed=None, system=None, chat_template=True, kvp=None, kvp_tail=None,
-                    prompt_cache=None, **strategy_options):
+                    prompt_cache=None, kv_bits=None, **strategy_options):
     """Prefill `prompt` with `strategy`, then stream the answer.
 
     Args:
@@ -139,6 +139,7 @@ def stream_generate(model, prompt, strategy="full", max_tokens=256, temp=0.0, to
             reused and this prompt's cache is kept there afterwards) or a prompt-cache file
             (`edgeprefill cache-prompt`). The uncached rest is prefilled with `strategy` where
             it continues a cache it did not make (full, mlx-lm), else with full.
+        kv_bits: 4 or 8: decode over a quantized cache (as mlx-lm's kv_bits).
     Yields:
         GenerationResponse per token; the last has finish_reason and stats set (with
         cached_tokens when a prompt cache was used).
@@ -149,7 +150,7 @@ def stream_generate(model, prompt, strategy="full", max_tokens=256, temp=0.0, to
     strat = _strategy(model, strategy, kvp, kvp_tail, strategy_options)
     try:
         cache, ids, cached, run = _from_prompt_cache(model, prompt_cache, ids, strat)
-        for r in _stream(model, ids, run, max_tokens, temp, top_p, seed, cache, cached):
+        for r in _stream(model, ids, run, max_tokens, temp, top_p, seed, cache, cached, kv_bits):
             if r.finish_reason is not None and isinstance(prompt_cache, PrefixCache):
                 name = getattr(run, "name", str(strategy))
                 prompt_cache.store(r.cache, name, _is_exact(name))
@@ -184,10 +185,12 @@ def _from_prompt_cache(model, prompt_cache, ids, strat):
                                                                                        model)
 
 
-def _stream(model, ids, strat, max_tokens, temp, top_p, seed, cache=None, cached=None):
+def _stream(model, ids, strat, max_tokens, temp, top_p, seed, cache=None, cached=None,
+            kv_bits=None):
     n, t_first = 0, None
     for event in stream_tokens(model.model, model.tokenizer, ids, strat, cache=cache,
-                               max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed):
+                               max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
+                               kv_bits=kv_bits):
         p = event.prefill
         if event.token is not None:
             n += 1

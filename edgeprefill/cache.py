@@ -337,3 +337,29 @@ def _heal_tokens(lm, tokens, chunk_size=None):
     healed, _, _ = FullPrefill(lm.model, chunk_size).prefill(tokens)
     mx.eval([c.keys_and_values() for c in healed])
     return healed
+
+
+KV_BITS = (4, 8)
+
+
+def quantize(cache, bits, group_size=None):
+    """Quantize a cache's base layers in place to `bits` (mlx-lm's QuantizedKVCache, as its
+    --kv-bits): decoding then reads 4- or 8-bit keys and values. Group size: 64 where the head
+    dimension allows, else 32. Lazy and selection caches (their layers skip positions) and
+    caches of other layer kinds are refused."""
+    from mlx_lm.models.cache import KVCache
+
+    if bits not in KV_BITS:
+        raise EdgeprefillError(f"--kv-bits must be 4 or 8 (got {bits})")
+    if hasattr(cache, "next_pos"):
+        raise EdgeprefillError("--kv-bits quantizes full, mlx-lm, kvp and runahead caches; this "
+                               "strategy's layers skip positions: drop --kv-bits or pick one")
+    hd = cache[0].keys.shape[-1]
+    group = group_size or (64 if hd % 64 == 0 else 32)
+    if hd % group:
+        raise EdgeprefillError(f"--kv-bits needs a head dimension divisible by 32 (this model's "
+                               f"is {hd}): drop --kv-bits")
+    for i, c in enumerate(cache):
+        if isinstance(c, KVCache):
+            cache[i] = c.to_quantized(group_size=group, bits=bits)
+    return cache

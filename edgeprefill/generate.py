@@ -133,7 +133,7 @@ def decode_tokens(model, cache, logits, sampler, max_tokens, max_context):
 
 
 def stream_generate(model, tokenizer, prompt_ids, strategy, cache=None, max_tokens=256,
-                    temp=0.0, top_p=1.0, seed=None, progress=None):
+                    temp=0.0, top_p=1.0, seed=None, progress=None, kv_bits=None):
     """Prefill with `strategy`, then stream decoded text.
 
     Args:
@@ -145,6 +145,7 @@ def stream_generate(model, tokenizer, prompt_ids, strategy, cache=None, max_toke
         temp, top_p: sampling; temp 0 is greedy.
         seed: optional random seed for sampling.
         progress: optional prefill progress callback (done, total).
+        kv_bits: quantize the cache to 4 or 8 bits after the prefill (edgeprefill.cache.quantize).
     Yields:
         StreamEvent per token; the last one carries the GenerationResult.
     """
@@ -154,6 +155,10 @@ def stream_generate(model, tokenizer, prompt_ids, strategy, cache=None, max_toke
         mx.random.seed(seed)
     sampler = make_sampler(temp=temp, top_p=top_p)
     cache, logits, pstats = strategy.prefill(prompt_ids, cache=cache, progress=progress)
+    if kv_bits:
+        from edgeprefill.cache import quantize
+
+        quantize(cache, kv_bits)
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer
     detok.reset()

@@ -223,16 +223,18 @@ def row_ids(tokenizer, row):
     return _render(tokenizer, row["prompt"], row.get("chat", True), row.get("answer_prefix", ""))
 
 
-def run_rows(lm, strategy, rows, max_tokens=None, progress=None):
+def run_rows(lm, strategy, rows, max_tokens=None, progress=None, kv_bits=None):
     """Greedy answers of `strategy` on `rows`: [{"id", "output", "match", ...}] per row.
-    max_tokens: answer length (default: the task's)."""
+    max_tokens: answer length (default: the task's); kv_bits: decode over a 4- or 8-bit
+    cache."""
     from edgeprefill.generate import generate
 
     out = []
     for row in rows:
         ids = row_ids(lm.tokenizer, row)
         n = max_tokens or ANSWER_TOKENS.get(row.get("task"), 32)
-        r = generate(lm.model, lm.tokenizer, ids, strategy, max_tokens=n, temp=0.0)
+        r = generate(lm.model, lm.tokenizer, ids, strategy, max_tokens=n, temp=0.0,
+                     kv_bits=kv_bits)
         out.append({"id": row.get("id", len(out)), "prompt_tokens": len(ids),
                     "output": r.text, "ttft_s": r.ttft_s, **score_output(row, r.text)})
         if progress:
@@ -275,13 +277,14 @@ def read_task_rows(path):
     return rows
 
 
-def evaluate_task(lm, strategies, row_sets, progress=None):
+def evaluate_task(lm, strategies, row_sets, progress=None, kv_bits=None):
     """Every strategy on every row set: records with per-row results and a summary relative to
     `full` on the same rows (full runs first, added if missing).
 
     Args:
         strategies: {name: built strategy}.
         row_sets: {label (e.g. the prompt length): [rows]}.
+        kv_bits: the strategies (not full, the reference) decode over a 4- or 8-bit cache.
     Returns:
         [{"strategy", "set", "summary", "rows": [...]}].
     """
@@ -294,8 +297,8 @@ def evaluate_task(lm, strategies, row_sets, progress=None):
     for label, rows in row_sets.items():
         full = run_rows(lm, strategies["full"], rows, progress=progress)
         for name in names:
-            res = full if name == "full" else run_rows(lm, strategies[name], rows,
-                                                       progress=progress)
+            res = full if name == "full" and not kv_bits else run_rows(
+                lm, strategies[name], rows, progress=progress, kv_bits=kv_bits)
             records.append({"strategy": name, "set": label,
                             "summary": summarize_rows(res, full), "rows": res})
     return records

@@ -191,3 +191,26 @@ def test_healing_replaces_a_kvp_cache_by_the_exact_one_and_kvp_continues(tiny_mo
     ref, _, _ = FullPrefill(m).prefill(conv.cache.tokens)
     assert float(mx.abs(conv.cache[last].keys_and_values()[0]
                         - ref[last].keys_and_values()[0]).max()) < 1e-5
+
+
+def test_kv_bits_quantize_the_cache_decoding_reads(tmp_path):
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    from edgeprefill.cache import quantize
+    from edgeprefill.models.random import SHAPES, random_model_folder
+
+    shape = {**SHAPES["tiny"], "hidden_size": 128}  # head dim 32: a quantization group
+    lm = load(str(random_model_folder(tmp_path / "m", shape=shape)))
+    ids = DOC * 4
+    exact = generate(lm.model, lm.tokenizer, ids, FullPrefill(lm.model), max_tokens=6)
+    for bits in (8, 4):
+        r = generate(lm.model, lm.tokenizer, ids, FullPrefill(lm.model), max_tokens=6,
+                     kv_bits=bits)
+        assert all(isinstance(c, QuantizedKVCache) and c.bits == bits for c in r.cache)
+        assert r.cache[0].offset == len(ids) + 5 and len(r.tokens) == 6
+    assert r.tokens[0] == exact.tokens[0]  # the first token comes from the exact prefill
+    cache, _, _ = build("lazy", lm).prefill(ids)
+    with pytest.raises(EdgeprefillError, match="--kv-bits"):
+        quantize(cache, 8)
+    with pytest.raises(EdgeprefillError, match="4 or 8"):
+        quantize(FullPrefill(lm.model).prefill(ids)[0], 3)
