@@ -102,8 +102,10 @@ def _masked_reference(m, ids, kept, extra=()):
     return m.head(h[:, -1:])[0, -1]
 
 
-def test_original_positions_equal_the_exact_model_with_the_dropped_tokens_masked(tiny_models):
-    lm = load(str(tiny_models["llama"]))
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_original_positions_equal_the_exact_model_with_the_dropped_tokens_masked(tiny_models,
+                                                                                 family):
+    lm = load(str(tiny_models[family]))
     m = lm.model
     strat = GemFilter(m, keep=8, filter_layer=1, positions="original", queries=1)
     strat.keep_first, strat.keep_last = 1, 2
