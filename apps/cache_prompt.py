@@ -20,6 +20,8 @@ def add_parser(sub):
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--no-chat-template", action="store_true", help="encode the raw prompt")
     p.add_argument("--out", default=None, help="the cache file to write (.safetensors)")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
+                   help="store the cache quantized to 4 or 8 bits (mlx-lm's QuantizedKVCache)")
     p.add_argument("--max-cache-mb", type=positive_float, default=None,
                    help="refuse a cache larger than this (MiB), before writing it")
     add_strategy_args(p)
@@ -67,8 +69,13 @@ def run(args):
         if hasattr(strategy, "close"):
             strategy.close()
     budget = None if args.max_cache_mb is None else int(args.max_cache_mb * 2**20)
-    nbytes = save_cache(args.out, lm, cache, ids, spec.name, spec.exact, budget)
-    exact = "exact" if spec.exact else "approximate"
+    if args.kv_bits:
+        from edgeprefill.cache import quantize
+
+        quantize(cache, args.kv_bits)
+    nbytes = save_cache(args.out, lm, cache, ids, spec.name, spec.exact and not args.kv_bits,
+                        budget)
+    exact = "exact" if spec.exact and not args.kv_bits else "approximate"
     print(f"cached {len(ids)} tokens ({nbytes / 2**20:.1f} MiB, {exact}, {spec.name} prefill "
           f"{stats.ttft_s * 1000:.0f} ms) in {args.out}", file=sys.stderr)
     return 0

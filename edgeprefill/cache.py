@@ -68,22 +68,40 @@ def _base_layers(cache):
         raise EdgeprefillError("this cache skips prompt positions (lazy, gemfilter, specprefill "
                                "keep only some tokens): make prompt caches with full, mlx-lm, kvp "
                                "or kvp+specprefill")
+    from mlx_lm.models.cache import QuantizedKVCache
+
     layers = list(cache)
-    if not all(isinstance(c, KVCache) for c in layers):
+    if not all(isinstance(c, (KVCache, QuantizedKVCache)) for c in layers):
         raise EdgeprefillError("only mlx-lm KVCache layers can be saved as a prompt cache")
     return layers
 
 
 def _compact(c):
-    """A copy of a KVCache whose buffers end at its offset (mlx-lm's state is the whole
-    preallocated buffer)."""
-    from mlx_lm.models.cache import KVCache
+    """A copy of a KVCache (or QuantizedKVCache) whose buffers end at its offset (mlx-lm's
+    state is the whole preallocated buffer)."""
+    from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
+    if isinstance(c, QuantizedKVCache):
+        out = QuantizedKVCache(group_size=c.group_size, bits=c.bits)
+        if c.offset:
+            out.keys, out.values = (tuple(x[..., :c.offset, :] for x in t)
+                                    for t in (c.keys, c.values))
+            out.offset = c.offset
+        return out
     out = KVCache()
     if c.offset:
         out.keys, out.values = c.keys_and_values()
         out.offset = c.offset
     return out
+
+
+def _nbytes(layers):
+    """Bytes of K/V of compact layers (quantized ones hold tuples of arrays)."""
+    total = 0
+    for c in layers:
+        for t in (c.keys, c.values):
+            total += sum(x.nbytes for x in t) if isinstance(t, (tuple, list)) else t.nbytes
+    return total
 
 
 def save_cache(path, lm, cache, tokens, strategy="full", exact=True, max_bytes=None):
@@ -110,7 +128,7 @@ def save_cache(path, lm, cache, tokens, strategy="full", exact=True, max_bytes=N
     layers = [_compact(c) for c in _base_layers(cache)]
     if len(tokens) != layers[0].offset:
         raise ValueError(f"{len(tokens)} tokens for a cache of {layers[0].offset}")
-    nbytes = sum(c.keys.nbytes + c.values.nbytes for c in layers)
+    nbytes = _nbytes(layers)
     if max_bytes is not None and nbytes > max_bytes:
         raise EdgeprefillError(f"the prompt cache would take {nbytes / 2**20:.1f} MiB, over the "
                                f"budget of {max_bytes / 2**20:.1f} MiB: raise --max-cache-mb or "
@@ -162,8 +180,15 @@ def load_cache(path, lm):
     else:
         info = {"strategy": "mlx-lm", "exact": True, "tokens": None, "model_id": meta.get("model")}
     shape = (m.n_kv_heads, m.head_dim)
-    if len(layers) != m.n_layers or any(
-            c.keys is None or tuple(c.keys.shape[1::2]) != shape for c in layers):
+
+    def kv_shape(c):  # (kv heads, head dim) of a layer; a quantized one packs its last axis
+        if c.keys is None:
+            return None
+        if isinstance(c.keys, (tuple, list)):  # mlx-lm loads a quantized layer's as a list
+            return (c.keys[0].shape[1], c.keys[1].shape[-1] * c.group_size)
+        return tuple(c.keys.shape[1::2])
+
+    if len(layers) != m.n_layers or any(kv_shape(c) != shape for c in layers):
         raise EdgeprefillError(f"{path} does not fit {lm.model_id} ({len(layers)} layers of "
                                f"other K/V shapes): make a cache with this model")
     cache = PromptCache(layers)
@@ -266,7 +291,7 @@ class PrefixCache:
         tokens = tuple(getattr(cache, "tokens", ()))
         if not tokens or len(tokens) != layers[0].offset:
             return False
-        nbytes = sum(c.keys.nbytes + c.values.nbytes for c in layers)
+        nbytes = _nbytes(layers)
         if nbytes > self.max_bytes:
             return False
         if tokens in self.entries:

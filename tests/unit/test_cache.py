@@ -214,3 +214,25 @@ def test_kv_bits_quantize_the_cache_decoding_reads(tmp_path):
         quantize(cache, 8)
     with pytest.raises(EdgeprefillError, match="4 or 8"):
         quantize(FullPrefill(lm.model).prefill(ids)[0], 3)
+
+
+def test_quantized_caches_round_trip_through_files_both_ways(tmp_path):
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    from edgeprefill.cache import quantize
+    from edgeprefill.models.random import SHAPES, random_model_folder
+
+    lm = load(str(random_model_folder(tmp_path / "m", shape={**SHAPES["tiny"],
+                                                             "hidden_size": 128})))
+    cache, _, _ = FullPrefill(lm.model).prefill(DOC)
+    quantize(cache, 8)
+    path = tmp_path / "q.safetensors"
+    save_cache(path, lm, cache, DOC, "full", exact=False)
+    layers = load_prompt_cache(str(path))  # mlx-lm reads it
+    assert isinstance(layers[0], QuantizedKVCache) and layers[0].bits == 8
+    loaded, info = load_cache(path, lm)
+    assert info["exact"] is False and loaded[0].offset == len(DOC)
+    question = [21, 90, 14, 6]
+    loaded, rest, n = reuse(loaded, info, DOC + question)
+    assert n == len(DOC) and rest == question
+    assert len(_greedy(lm, rest, loaded)) == 5
