@@ -4,7 +4,8 @@ for `generate --prompt-cache` / `chat --prompt-cache` (and mlx-lm's own --prompt
 import sys
 
 from edgeprefill.apps.argtypes import positive_float
-from edgeprefill.apps.shared import add_model_args, add_strategy_args, build_strategy, read_prompt
+from edgeprefill.apps.shared import (add_model_args, add_strategy_args, build_strategy,
+                                     load_prompt_ids, read_prompt)
 from edgeprefill.errors import EdgeprefillError
 
 
@@ -42,8 +43,6 @@ def run(args):
     from rich.console import Console
 
     from edgeprefill.cache import save_cache
-    from edgeprefill.generate import build_prompt, check_context
-    from edgeprefill.loading import load
     from edgeprefill.prefill.registry import parse
 
     spec, _ = parse(args.strategy)
@@ -58,10 +57,7 @@ def run(args):
     if not prompt.strip():
         raise EdgeprefillError("the prompt is empty: pass text with --prompt or --prompt-file")
     err = Console(stderr=True, soft_wrap=True)
-    lm = load(args.model, dtype=args.dtype)
-    ids = build_prompt(lm.tokenizer, prompt, system=args.system,
-                       chat_template=not args.no_chat_template)
-    check_context(len(ids), lm.model.max_context)
+    lm, ids = load_prompt_ids(args, prompt)
     strategy = build_strategy(args, lm, console=err)
     try:
         cache, _, stats = strategy.prefill(ids)

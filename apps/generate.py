@@ -5,7 +5,8 @@ import sys
 
 from edgeprefill.apps.argtypes import fraction, non_negative, non_negative_float, positive
 from edgeprefill.apps.shared import (add_model_args, add_strategy_args, build_strategy,
-                                     read_prompt, stats_line, validate_sampling)
+                                     load_prompt_ids, read_prompt, stats_line,
+                                     validate_sampling)
 from edgeprefill.errors import EdgeprefillError
 
 
@@ -33,8 +34,7 @@ def add_parser(sub):
 def run(args):
     from rich.console import Console
 
-    from edgeprefill.generate import build_prompt, check_context, stream_generate
-    from edgeprefill.loading import load
+    from edgeprefill.generate import stream_generate
     from edgeprefill.prefill.registry import parse
 
     validate_sampling(args)
@@ -43,10 +43,7 @@ def run(args):
     if not prompt.strip():
         raise EdgeprefillError("the prompt is empty: pass text with --prompt, or '-' and pipe it")
     err = Console(stderr=True, soft_wrap=True)
-    lm = load(args.model, dtype=args.dtype)
-    ids = build_prompt(lm.tokenizer, prompt, system=args.system,
-                       chat_template=not args.no_chat_template)
-    check_context(len(ids), lm.model.max_context)
+    lm, ids = load_prompt_ids(args, prompt)
     strategy = build_strategy(args, lm, console=err)
     cache, cached = None, {}
     if args.prompt_cache:

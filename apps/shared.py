@@ -106,6 +106,19 @@ def read_prompt(value):
     return check_utf8(value, "--prompt")
 
 
+def load_prompt_ids(args, prompt):
+    """(the loaded --model, the prompt's token ids: --system, the chat template unless
+    --no-chat-template), the length checked against the model's window."""
+    from edgeprefill.generate import build_prompt, check_context
+    from edgeprefill.loading import load
+
+    lm = load(args.model, dtype=args.dtype)
+    ids = build_prompt(lm.tokenizer, prompt, system=args.system,
+                       chat_template=not args.no_chat_template)
+    check_context(len(ids), lm.model.max_context)
+    return lm, ids
+
+
 def validate_sampling(args):
     from edgeprefill.generate import check_sampling
 

@@ -23,6 +23,19 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+class NoGrad:
+    """Mixin for a mirror strategy that runs an MLX strategy's algorithm on torch tensors:
+    its prefill and decoding without autograd."""
+
+    @torch.no_grad()
+    def prefill(self, prompt_ids, cache=None, progress=None):
+        return super().prefill(prompt_ids, cache, progress)
+
+    @torch.no_grad()
+    def forward(self, ids, cache):
+        return super().forward(ids, cache)
+
+
 class FullPrefill:
     """Every prompt token through every layer, `chunk_size` tokens per forward call.
 

@@ -3,7 +3,7 @@ mirror model, with torch array operations."""
 
 import torch
 
-from edgeprefill.mirror.prefill.full import as_token_tensor, synchronize
+from edgeprefill.mirror.prefill.full import NoGrad, as_token_tensor, synchronize
 from edgeprefill.prefill.lazy import LazyPrefill as MlxLazyPrefill
 
 
@@ -21,7 +21,7 @@ class TorchOps:
     sync = staticmethod(lambda model: synchronize(model.device))
 
 
-class LazyPrefill(MlxLazyPrefill):
+class LazyPrefill(NoGrad, MlxLazyPrefill):
     """`lazy` on the torch mirror; arguments as the MLX strategy. Caches are the mirror's
     buffer caches (make_cache(max_len))."""
 
@@ -29,11 +29,3 @@ class LazyPrefill(MlxLazyPrefill):
 
     def __init__(self, model, schedule="default", chunk_size=None):
         super().__init__(model, schedule, chunk_size)
-
-    @torch.no_grad()
-    def prefill(self, prompt_ids, cache=None, progress=None):
-        return super().prefill(prompt_ids, cache, progress)
-
-    @torch.no_grad()
-    def forward(self, ids, cache):
-        return super().forward(ids, cache)

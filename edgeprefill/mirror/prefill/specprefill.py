@@ -3,7 +3,7 @@ algorithms over the mirror model and pair."""
 
 import torch
 
-from edgeprefill.mirror.prefill.full import default_chunk_size
+from edgeprefill.mirror.prefill.full import NoGrad, default_chunk_size
 from edgeprefill.mirror.prefill.kv_prediction import KVPrediction
 from edgeprefill.mirror.prefill.selection import TorchOps
 from edgeprefill.prefill.specprefill import DEFAULT_KEEP, FUSED_KEEP, LOOKAHEAD, SELECT_CHUNK
@@ -11,7 +11,7 @@ from edgeprefill.prefill.specprefill import KVPSpecPrefill as MlxKVPSpecPrefill
 from edgeprefill.prefill.specprefill import SpecPrefill as MlxSpecPrefill
 
 
-class SpecPrefill(MlxSpecPrefill):
+class SpecPrefill(NoGrad, MlxSpecPrefill):
     """`specprefill` on the torch mirror; arguments as the MLX strategy (the draft a mirror
     Transformer or an AuxDraft over a mirror aux)."""
 
@@ -21,14 +21,6 @@ class SpecPrefill(MlxSpecPrefill):
                  select_chunk=SELECT_CHUNK, positions="original", chunk_size=None):
         super().__init__(model, draft, keep, lookahead, select_chunk, positions,
                          chunk_size or default_chunk_size(model))
-
-    @torch.no_grad()
-    def prefill(self, prompt_ids, cache=None, progress=None):
-        return super().prefill(prompt_ids, cache, progress)
-
-    @torch.no_grad()
-    def forward(self, ids, cache):
-        return super().forward(ids, cache)
 
 
 class KVPSpecPrefill(MlxKVPSpecPrefill):
