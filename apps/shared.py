@@ -40,8 +40,8 @@ def add_strategy_args(p, default="full"):
     """--strategy (help read from the registry) and the options strategies take."""
     from edgeprefill.prefill.registry import help_text
 
-    p.add_argument("--strategy", default=default, help=help_text().replace("full)",
-                                                                             f"{default})"))
+    text = help_text().replace("full)", f"{default})").replace("%", "%%")  # argparse formats help
+    p.add_argument("--strategy", default=default, help=text)
     add_strategy_options(p)
 
 
