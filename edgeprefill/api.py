@@ -14,7 +14,7 @@ from typing import Optional
 import mlx.core as mx
 
 from edgeprefill.errors import EdgeprefillError
-from edgeprefill.generate import build_prompt, check_context, check_sampling
+from edgeprefill.generate import build_prompt, check_context, check_sampling, check_stop
 from edgeprefill.generate import stream_generate as stream_tokens
 from edgeprefill.loading import LoadedModel
 from edgeprefill.loading import load as load_model
@@ -125,7 +125,7 @@ def _closing(strat, given):
 
 def stream_generate(model, prompt, strategy="full", max_tokens=256, temp=0.0, top_p=1.0,
                     seed=None, system=None, chat_template=True, kvp=None, kvp_tail=None,
-                    prompt_cache=None, kv_bits=None, **strategy_options):
+                    prompt_cache=None, kv_bits=None, stop=None, **strategy_options):
     """Prefill `prompt` with `strategy`, then stream the answer.
 
     Args:
@@ -140,6 +140,8 @@ def stream_generate(model, prompt, strategy="full", max_tokens=256, temp=0.0, to
             (`edgeprefill cache-prompt`). The uncached rest is prefilled with `strategy` where
             it continues a cache it did not make (full, mlx-lm), else with full.
         kv_bits: 4 or 8: decode over a quantized cache (as mlx-lm's kv_bits).
+        stop: a string or up to 4 strings that end the answer (finish_reason 'stop'); the text
+            ends before the first of them.
     Yields:
         GenerationResponse per token; the last has finish_reason and stats set (with
         cached_tokens when a prompt cache was used).
@@ -147,10 +149,12 @@ def stream_generate(model, prompt, strategy="full", max_tokens=256, temp=0.0, to
     model = _loaded(model)
     ids = _token_ids(model, prompt, system, chat_template)
     check_sampling(max_tokens, temp, top_p)
+    check_stop(stop)
     strat = _strategy(model, strategy, kvp, kvp_tail, strategy_options)
     try:
         cache, ids, cached, run = _from_prompt_cache(model, prompt_cache, ids, strat)
-        for r in _stream(model, ids, run, max_tokens, temp, top_p, seed, cache, cached, kv_bits):
+        for r in _stream(model, ids, run, max_tokens, temp, top_p, seed, cache, cached, kv_bits,
+                         stop):
             if r.finish_reason is not None and isinstance(prompt_cache, PrefixCache):
                 name = getattr(run, "name", str(strategy))
                 prompt_cache.store(r.cache, name, _is_exact(name))
@@ -173,7 +177,9 @@ def _from_prompt_cache(model, prompt_cache, ids, strat):
     if prompt_cache is None:
         return None, ids, {}, strat
     if isinstance(prompt_cache, PrefixCache):
-        cache, info = prompt_cache.lookup(ids)
+        # an exact strategy reuses only exact caches: its answer must not depend on what came
+        # before it
+        cache, info = prompt_cache.lookup(ids, exact_only=_is_exact(getattr(strat, "name", "")))
         if cache is None:
             return None, ids, {"cached_tokens": 0}, strat
         n = len(cache.tokens)
@@ -186,11 +192,11 @@ def _from_prompt_cache(model, prompt_cache, ids, strat):
 
 
 def _stream(model, ids, strat, max_tokens, temp, top_p, seed, cache=None, cached=None,
-            kv_bits=None):
+            kv_bits=None, stop=None):
     n, t_first = 0, None
     for event in stream_tokens(model.model, model.tokenizer, ids, strat, cache=cache,
                                max_tokens=max_tokens, temp=temp, top_p=top_p, seed=seed,
-                               kv_bits=kv_bits):
+                               kv_bits=kv_bits, stop=stop):
         p = event.prefill
         if event.token is not None:
             n += 1

@@ -260,14 +260,17 @@ class PrefixCache:
     def __len__(self):
         return len(self.entries)
 
-    def lookup(self, ids):
+    def lookup(self, ids, exact_only=False):
         """(a PromptCache holding the longest cached prefix of `ids`, info) or (None, None).
-        At least one token of `ids` is left to prefill; the stored entry is not changed."""
+        At least one token of `ids` is left to prefill; the stored entry is not changed.
+        exact_only: consider only caches an exact strategy made."""
         from edgeprefill.prefill.base import PromptCache
 
         ids = list(ids)
         best, n = None, 0
-        for key in self.entries:
+        for key, (_, _, info) in self.entries.items():
+            if exact_only and not info["exact"]:
+                continue
             k = min(common_prefix(key, ids), len(ids) - 1)
             if k > n:
                 best, n = key, k
@@ -283,7 +286,9 @@ class PrefixCache:
     def store(self, cache, strategy="full", exact=True):
         """Keep a copy of `cache` (its tokens: cache.tokens). Returns False (nothing kept)
         for a cache whose layers skip positions, one without a token list, or one larger than
-        the budget; older entries go first to make room."""
+        the budget; older entries go first to make room. Entries it extends go too (a
+        conversation keeps its latest turn): every lookup they served, it serves, unless they
+        are exact and it is not."""
         try:
             layers = [_compact(c) for c in _base_layers(cache)]
         except EdgeprefillError:
@@ -294,8 +299,12 @@ class PrefixCache:
         nbytes = _nbytes(layers)
         if nbytes > self.max_bytes:
             return False
-        if tokens in self.entries:
-            self.nbytes -= self.entries.pop(tokens)[1]
+        if tokens in self.entries and self.entries[tokens][2]["exact"] and not exact:
+            self.entries.move_to_end(tokens)  # the exact copy of these tokens stays
+            return True
+        for key in [k for k, (_, _, inf) in self.entries.items() if len(k) <= len(tokens)
+                    and tokens[:len(k)] == k and (exact or not inf["exact"])]:
+            self.nbytes -= self.entries.pop(key)[1]
         while self.entries and self.nbytes + nbytes > self.max_bytes:
             self.nbytes -= self.entries.popitem(last=False)[1][1]
         self.entries[tokens] = (layers, nbytes, {"strategy": strategy, "exact": bool(exact)})

@@ -62,7 +62,8 @@ def check_sampling(max_tokens, temp, top_p):
 class GenerationResult:
     """A finished generation.
 
-    finish_reason: 'eos' (a stop token), 'length' (max tokens) or 'context' (window full).
+    finish_reason: 'eos' (a stop token), 'stop' (a stop sequence), 'length' (max tokens) or
+        'context' (window full).
     """
 
     text: str
@@ -132,8 +133,55 @@ def decode_tokens(model, cache, logits, sampler, max_tokens, max_context):
             return
 
 
+class StopScanner:
+    """Stop sequences over streamed text: `feed` returns the text safe to show (a tail that
+    could begin a stop sequence is held back until it can't) and whether a stop sequence
+    appeared; the text before it is kept, the stop sequence and what follows are dropped.
+
+    Args:
+        stops: the stop strings (empty ones are ignored).
+    """
+
+    def __init__(self, stops):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.text = ""
+
+    def feed(self, segment):
+        buf = self.held + segment
+        found = [(buf.find(s), s) for s in self.stops if s in buf]
+        if found:
+            out, self.held = buf[:min(found)[0]], ""
+            self.text += out
+            return out, True
+        hold = max((k for s in self.stops for k in range(min(len(s) - 1, len(buf)), 0, -1)
+                    if buf.endswith(s[:k])), default=0)
+        out, self.held = buf[:len(buf) - hold], buf[len(buf) - hold:]
+        self.text += out
+        return out, False
+
+    def flush(self, segment=""):
+        """The last text: `segment` scanned, then whatever was held back (no stop came)."""
+        out, hit = self.feed(segment)
+        if not hit:
+            out, self.text, self.held = out + self.held, self.text + self.held, ""
+        return out, hit
+
+
+def check_stop(stop):
+    """A stop argument as a list of strings: None, a str, or a list of up to 4 non-empty str."""
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+        raise EdgeprefillError("stop must be a string or a list of strings")
+    if len(stops) > 4 or not all(stops):
+        raise EdgeprefillError("stop takes 1 to 4 non-empty strings")
+    return list(stops)
+
+
 def stream_generate(model, tokenizer, prompt_ids, strategy, cache=None, max_tokens=256,
-                    temp=0.0, top_p=1.0, seed=None, progress=None, kv_bits=None):
+                    temp=0.0, top_p=1.0, seed=None, progress=None, kv_bits=None, stop=None):
     """Prefill with `strategy`, then stream decoded text.
 
     Args:
@@ -146,6 +194,7 @@ def stream_generate(model, tokenizer, prompt_ids, strategy, cache=None, max_toke
         seed: optional random seed for sampling.
         progress: optional prefill progress callback (done, total).
         kv_bits: quantize the cache to 4 or 8 bits after the prefill (edgeprefill.cache.quantize).
+        stop: strings that end the answer (finish_reason 'stop'); the text stops before them.
     Yields:
         StreamEvent per token; the last one carries the GenerationResult.
     """
@@ -163,6 +212,7 @@ def stream_generate(model, tokenizer, prompt_ids, strategy, cache=None, max_toke
     detok = tokenizer.detokenizer
     detok.reset()
     tokens, finish = [], "length"
+    scan = StopScanner(check_stop(stop)) if stop else None
     t0 = time.perf_counter()
     forward = getattr(strategy, "forward", model)  # aux-only decodes with its own model
     for token in decode_tokens(forward, cache, logits, sampler, max_tokens, model.max_context):
@@ -173,13 +223,20 @@ def stream_generate(model, tokenizer, prompt_ids, strategy, cache=None, max_toke
             finish = "eos"
             break
         detok.add_token(token)
-        yield StreamEvent(detok.last_segment, token, prefill=pstats)
+        segment, hit = scan.feed(detok.last_segment) if scan else (detok.last_segment, False)
+        yield StreamEvent(segment, token, prefill=pstats)
+        if hit:
+            finish = "stop"
+            break
     else:
         if cache[0].offset + 1 >= model.max_context and len(tokens) < max_tokens:
             finish = "context"
     detok.finalize()
-    tail = detok.last_segment
-    result = GenerationResult(detok.text, tokens, pstats, time.perf_counter() - t0, finish, cache)
+    tail, text = detok.last_segment, detok.text
+    if scan:
+        tail = scan.flush(tail)[0] if finish != "stop" else ""
+        text = scan.text
+    result = GenerationResult(text, tokens, pstats, time.perf_counter() - t0, finish, cache)
     yield StreamEvent(tail, None, result, prefill=pstats)
 
 

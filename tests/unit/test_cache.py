@@ -153,6 +153,75 @@ def test_prefix_cache_in_memory_reuses_turns_and_stays_in_budget(tiny_models):
     assert len(lazy) == 0
 
 
+def test_prefix_cache_keeps_exact_answers_exact_and_drops_entries_a_turn_extends(tiny_models):
+    import edgeprefill
+    from edgeprefill.cache import PrefixCache
+    from edgeprefill.prefill import FullPrefill
+
+    lm = edgeprefill.load(str(tiny_models["llama"]))
+    ids = list(range(5, 45))
+    full = FullPrefill(lm.model)
+
+    def cache_of(n):
+        c = full.prefill(ids[:n])[0]
+        c.tokens = ids[:n]
+        return c
+
+    pc = PrefixCache()
+    assert pc.store(cache_of(30), "kvp", exact=False)
+    # an exact lookup skips the approximate entry; an approximate one takes it
+    assert pc.lookup(ids, exact_only=True) == (None, None)
+    c, info = pc.lookup(ids)
+    assert len(c.tokens) == 30 and info["exact"] is False
+    # an exact store of the same tokens replaces it; an approximate store does not replace that
+    assert pc.store(cache_of(30), "full", exact=True) and len(pc) == 1
+    assert pc.store(cache_of(30), "kvp", exact=False) and len(pc) == 1
+    assert pc.lookup(ids, exact_only=True)[1]["exact"] is True
+    # a longer exact entry that extends it replaces it (its lookups are served by the new one)
+    assert pc.store(cache_of(36), "full", exact=True) and len(pc) == 1
+    c, _ = pc.lookup(ids[:31] + [3], exact_only=True)
+    assert len(c.tokens) == 31  # trimmed from the 36-token entry
+    # an approximate extension keeps the exact prefix beside it
+    assert pc.store(cache_of(40), "kvp", exact=False) and len(pc) == 2
+    assert len(pc.lookup(ids + [1], exact_only=True)[0].tokens) == 36
+    assert pc.nbytes == sum(e[1] for e in pc.entries.values())
+
+
+def test_stop_sequences_hold_back_partial_matches_and_cut_the_text():
+    from edgeprefill.errors import EdgeprefillError
+    from edgeprefill.generate import StopScanner, check_stop
+
+    scan = StopScanner(["END", "\n\n"])
+    shown = [scan.feed(s) for s in ("Hello E", "N", "ough. E", "ND and more")]
+    assert [o for o, _ in shown] == ["Hello ", "", "ENough. ", ""]
+    assert shown[-1][1] is True and scan.text == "Hello ENough. "
+    scan = StopScanner(["<|x|>"])
+    assert scan.feed("a <|") == ("a ", False)
+    assert scan.flush("y") == ("<|y", False) and scan.text == "a <|y"
+    assert check_stop(None) == [] and check_stop("x") == ["x"]
+    for bad in (["a", ""], ["a"] * 5, [1], 3):
+        with pytest.raises(EdgeprefillError, match="stop"):
+            check_stop(bad)
+
+
+def test_generate_stops_at_a_stop_sequence_and_keeps_the_cache(tiny_models):
+    import edgeprefill
+    from edgeprefill.cache import PrefixCache
+
+    lm = edgeprefill.load(str(tiny_models["llama"]))
+    free = edgeprefill.generate(lm, "Tell me a story.", max_tokens=12)
+    assert len(free) > 4
+    stop = free[3:5]
+    pc = PrefixCache()
+    last, text = None, ""
+    for r in edgeprefill.stream_generate(lm, "Tell me a story.", max_tokens=12, stop=[stop],
+                                         prompt_cache=pc):
+        text += r.text
+        last = r
+    assert text == free[:free.index(stop)] and last.finish_reason == "stop"
+    assert len(pc) == 1  # a stopped answer still leaves its prompt cached
+
+
 def test_healing_replaces_a_kvp_cache_by_the_exact_one_and_kvp_continues(tiny_models):
     from edgeprefill.cache import Healer, heal
     from edgeprefill.conversation import Conversation
