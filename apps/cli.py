@@ -6,7 +6,7 @@ import sys
 from edgeprefill.errors import EdgeprefillError
 
 COMMANDS = ("generate", "chat", "bench", "eval", "strategies", "info", "kvp", "runahead",
-            "export", "cache_prompt")
+            "export", "cache_prompt", "serve", "serve_bench")
 
 
 class OneLineErrors(argparse.ArgumentParser):

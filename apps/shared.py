@@ -87,12 +87,17 @@ def build_strategy(args, lm, name=None, console=None):
 
     name = name or args.strategy
     spec, _ = parse(name)
+    opts = {k: v for k, v in strategy_flags(args).items() if k in spec.options}
+    return build(name, lm, say=say_dim(console or Console(stderr=True)), **opts)
+
+
+def strategy_flags(args):
+    """The strategy options the command line set ({option: value}; None where unset)."""
     flags = {"kvp": getattr(args, "kvp", None), "kvp_tail": kvp_tail(args),
              "workers": getattr(args, "workers", None), "hostfile": getattr(args, "hostfile", None),
              "chunk_size": getattr(args, "chunk_size", None)}
     flags.update({k: getattr(args, k, None) for k in SELECT_FLAGS})
-    opts = {k: v for k, v in flags.items() if k in spec.options}
-    return build(name, lm, say=say_dim(console or Console(stderr=True)), **opts)
+    return flags
 
 
 def read_prompt(value):

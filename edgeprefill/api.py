@@ -138,7 +138,9 @@ def stream_generate(model, prompt, strategy="full", max_tokens=256, temp=0.0, to
         prompt_cache: an edgeprefill.PrefixCache (in memory: the longest cached prefix is
             reused and this prompt's cache is kept there afterwards) or a prompt-cache file
             (`edgeprefill cache-prompt`). The uncached rest is prefilled with `strategy` where
-            it continues a cache it did not make (full, mlx-lm), else with full.
+            it continues a cache it did not make (full, mlx-lm), else with full. From memory,
+            an exact strategy reuses only exact caches, and another strategy reuses a prefix
+            only where full on the rest costs fewer FLOPs than the strategy on the whole.
         kv_bits: 4 or 8: decode over a quantized cache (as mlx-lm's kv_bits).
         stop: a string or up to 4 strings that end the answer (finish_reason 'stop'); the text
             ends before the first of them.
@@ -157,17 +159,10 @@ def stream_generate(model, prompt, strategy="full", max_tokens=256, temp=0.0, to
                          stop):
             if r.finish_reason is not None and isinstance(prompt_cache, PrefixCache):
                 name = getattr(run, "name", str(strategy))
-                prompt_cache.store(r.cache, name, _is_exact(name))
+                prompt_cache.store(r.cache, name, registry.is_exact(name))
             yield r
     finally:
         _closing(strat, strategy)
-
-
-def _is_exact(name):
-    try:
-        return registry.parse(name)[0].exact
-    except EdgeprefillError:
-        return False
 
 
 def _from_prompt_cache(model, prompt_cache, ids, strat):
@@ -179,8 +174,9 @@ def _from_prompt_cache(model, prompt_cache, ids, strat):
     if isinstance(prompt_cache, PrefixCache):
         # an exact strategy reuses only exact caches: its answer must not depend on what came
         # before it
-        cache, info = prompt_cache.lookup(ids, exact_only=_is_exact(getattr(strat, "name", "")))
-        if cache is None:
+        exact = registry.is_exact(getattr(strat, "name", ""))
+        cache, info = prompt_cache.lookup(ids, exact_only=exact)
+        if cache is None or not _worth_reusing(model, strat, len(cache.tokens), len(ids)):
             return None, ids, {"cached_tokens": 0}, strat
         n = len(cache.tokens)
         ids = ids[n:]
@@ -189,6 +185,23 @@ def _from_prompt_cache(model, prompt_cache, ids, strat):
         cache, ids, n = reuse(cache, info, ids)
     return cache, ids, {"cached_tokens": n, "cache_exact": info["exact"]}, continuing(strat,
                                                                                        model)
+
+
+def _worth_reusing(model, strat, cached, total):
+    """Whether a cached prefix beats running `strat` on the whole prompt. Full and mlx-lm
+    continue any cache; the others cannot, so after a hit the uncached rest is prefilled with
+    full, which is worth it only when that costs fewer FLOPs than the strategy on the whole
+    (a long shared document, not a shared chat-template header)."""
+    from edgeprefill.cache import can_continue
+    from edgeprefill.flops import prefill_flops
+
+    if can_continue(strat):
+        return True
+    try:
+        own = registry.flops(strat.name, strat, model.config, total)
+    except (AttributeError, EdgeprefillError, KeyError, TypeError):
+        return True
+    return prefill_flops(model.config, total - cached, cached) <= own
 
 
 def _stream(model, ids, strat, max_tokens, temp, top_p, seed, cache=None, cached=None,

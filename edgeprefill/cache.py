@@ -288,7 +288,7 @@ class PrefixCache:
         for a cache whose layers skip positions, one without a token list, or one larger than
         the budget; older entries go first to make room. Entries it extends go too (a
         conversation keeps its latest turn): every lookup they served, it serves, unless they
-        are exact and it is not."""
+        are exact and it is not. Nothing is added where an entry already extends it."""
         try:
             layers = [_compact(c) for c in _base_layers(cache)]
         except EdgeprefillError:
@@ -299,8 +299,10 @@ class PrefixCache:
         nbytes = _nbytes(layers)
         if nbytes > self.max_bytes:
             return False
-        if tokens in self.entries and self.entries[tokens][2]["exact"] and not exact:
-            self.entries.move_to_end(tokens)  # the exact copy of these tokens stays
+        covering = next((k for k, (_, _, inf) in self.entries.items() if len(k) >= len(tokens)
+                         and k[:len(tokens)] == tokens and (inf["exact"] or not exact)), None)
+        if covering is not None:  # an entry holds these tokens and more, as exact: it serves
+            self.entries.move_to_end(covering)
             return True
         for key in [k for k, (_, _, inf) in self.entries.items() if len(k) <= len(tokens)
                     and tokens[:len(k)] == k and (exact or not inf["exact"])]:

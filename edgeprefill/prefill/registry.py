@@ -356,6 +356,14 @@ def parse(name):
     return spec, variant
 
 
+def is_exact(name):
+    """Whether the named strategy gives the exact prefill (False for an unknown name)."""
+    try:
+        return parse(name)[0].exact
+    except EdgeprefillError:
+        return False
+
+
 def build(name, lm, **options):
     """The named strategy over a loaded model, with the options it takes (None values are
     dropped: the strategy's default). An option the strategy does not take is refused."""
