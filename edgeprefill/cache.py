@@ -90,7 +90,10 @@ def _compact(c):
         return out
     out = KVCache()
     if c.offset:
-        out.keys, out.values = c.keys_and_values()
+        # new array objects (slices), never the same ones: mlx-lm writes a cache's next tokens
+        # with item assignment, which changes the array object in place, so a shared object
+        # would let a reused copy overwrite the entry it came from
+        out.keys, out.values = c.keys[..., :c.offset, :], c.values[..., :c.offset, :]
         out.offset = c.offset
     return out
 

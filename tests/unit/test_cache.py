@@ -187,6 +187,62 @@ def test_prefix_cache_keeps_exact_answers_exact_and_drops_entries_a_turn_extends
     assert pc.nbytes == sum(e[1] for e in pc.entries.values())
 
 
+def test_an_approximate_strategy_reuses_a_prefix_only_where_full_on_the_rest_is_cheaper(
+        tiny_models):
+    import edgeprefill
+    from edgeprefill.cache import PrefixCache
+
+    lm = edgeprefill.load(str(tiny_models["llama"]))
+    pc = PrefixCache()
+    doc = "The river Danube flows through ten countries. " * 8
+    edgeprefill.generate(lm, doc + "Which river?", max_tokens=2, prompt_cache=pc)
+
+    def last(prompt):
+        for r in edgeprefill.stream_generate(lm, prompt, strategy="lazy", max_tokens=2,
+                                             prompt_cache=pc):
+            pass
+        return r
+    # the same long document: full on the few new tokens beats lazy on the whole prompt
+    warm = last(doc + "How many countries?")
+    assert warm.stats["cached_tokens"] > 100 and warm.strategy == "full"
+    # only the chat template's header is shared: lazy runs on the whole prompt itself
+    cold = last("An unrelated question about clouds and rain, asked at some length. " * 3)
+    assert cold.stats["cached_tokens"] == 0 and cold.strategy == "lazy"
+
+
+def test_a_reused_prefix_never_writes_into_the_entry_it_came_from(tiny_models):
+    """mlx-lm appends with item assignment, which changes an array object in place: the copy
+    a lookup hands out must not share array objects with the stored entry (it did once, and a
+    repeated prompt then decoded over another request's tokens)."""
+    import mlx.core as mx
+    import numpy as np
+
+    import edgeprefill
+    from edgeprefill.cache import PrefixCache
+    from edgeprefill.prefill import FullPrefill
+
+    lm = edgeprefill.load(str(tiny_models["llama"]))
+    full = FullPrefill(lm.model)
+    ids = list(range(5, 45))
+    cache = full.prefill(ids)[0]
+    cache.tokens = list(ids)
+    pc = PrefixCache()
+    pc.store(cache)
+    before = [np.array(c.keys) for c in next(iter(pc.entries.values()))[0]]
+    reused, _ = pc.lookup(ids[:30] + [7, 8, 9])  # trimmed to 30, then extended by 3
+    full.prefill([7, 8, 9], cache=reused)
+    mx.eval([c.keys for c in reused])
+    after = [np.array(c.keys) for c in next(iter(pc.entries.values()))[0]]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    # the same prompt again, through the API: the same answer as cold
+    prompt = "The river Danube flows through ten countries. Which river?"
+    cold = edgeprefill.generate(lm, prompt, max_tokens=6)
+    pc = PrefixCache()
+    edgeprefill.generate(lm, prompt, max_tokens=6, prompt_cache=pc)
+    edgeprefill.generate(lm, prompt[:-6] + "Which sea?", max_tokens=6, prompt_cache=pc)
+    assert edgeprefill.generate(lm, prompt, max_tokens=6, prompt_cache=pc) == cold
+
+
 def test_stop_sequences_hold_back_partial_matches_and_cut_the_text():
     from edgeprefill.errors import EdgeprefillError
     from edgeprefill.generate import StopScanner, check_stop
