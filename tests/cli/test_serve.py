@@ -86,6 +86,9 @@ def test_openai_client_chat_streaming_stop_and_completions(server):
     # text completions, and a per-request strategy
     t = c.completions.create(model="tiny", prompt="The river flows", max_tokens=6)
     assert t.choices[0].text and t.usage.completion_tokens == 6
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="tiny", prompt="The river flows", max_tokens=6, stream=True) if ch.choices)
+    assert streamed == t.choices[0].text
     lazy = c.chat.completions.create(model="tiny", messages=ask("Tell me about rivers."),
                                      max_tokens=4, extra_body={"prefill": {"strategy": "lazy"}})
     assert lazy.model_extra["prefill"]["strategy"] == "lazy"
@@ -104,6 +107,8 @@ def test_bad_requests_get_openai_errors(server):
         (dict(extra_body={"prefill": {"strategy": "full", "keep": 0.5}}), 400, "keep"),
         (dict(extra_body={"prefill": {"strategy": "gemfilter", "keep": 7.5}}), 400, "keep"),
         (dict(extra_body={"top_k": 5}), 400, "top_k"),
+        (dict(extra_body={"prefill": {"strategy": "kvp"}}), 400, "pair"),  # none for this model
+        (dict(extra_body={"prefill": {"strategy": "kvp", "kvp": "/etc"}}), 400, "command-line"),
         (dict(n=2), 400, "n must be 1"),
         (dict(stop=["a", ""]), 400, "stop"),
     ]
