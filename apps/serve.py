@@ -39,11 +39,13 @@ def _interrupt(*_):
 
 def run(args):
     from edgeprefill.loading import load
+    from edgeprefill.prefill.registry import parse
     from edgeprefill.server import app as server
     from edgeprefill.server.engine import Engine
     from edgeprefill.server.protocol import Defaults
 
     server._require()
+    parse(args.strategy)  # an unknown name fails before anything loads
     sock = server.bind(args.host, args.port)  # a taken port fails before the model loads
     lm = load(args.model, dtype=args.dtype)
     engine = Engine(lm, strategy_flags(args), cache_bytes=args.prompt_cache_mb * 2**20,

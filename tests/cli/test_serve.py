@@ -252,3 +252,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_a_taken_port_is_one_line(tiny_model
                             str(port)], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("edgeprefill: error: cannot listen")
+    r = subprocess.run([*CLI, "serve", "--model", str(tiny_models["llama"]), "--strategy",
+                        "bogus"], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        r.stderr.strip().splitlines()[-1]] and "unknown strategy 'bogus'" in r.stderr
