@@ -157,7 +157,8 @@ def stream_generate(model, prompt, strategy="full", max_tokens=256, temp=0.0, to
         cache, ids, cached, run = _from_prompt_cache(model, prompt_cache, ids, strat)
         for r in _stream(model, ids, run, max_tokens, temp, top_p, seed, cache, cached, kv_bits,
                          stop):
-            if r.finish_reason is not None and isinstance(prompt_cache, PrefixCache):
+            if (r.finish_reason is not None and isinstance(prompt_cache, PrefixCache)
+                    and getattr(run, "base_cache", True)):
                 name = getattr(run, "name", str(strategy))
                 prompt_cache.store(r.cache, name, registry.is_exact(name))
             yield r
@@ -171,6 +172,11 @@ def _from_prompt_cache(model, prompt_cache, ids, strat):
 
     if prompt_cache is None:
         return None, ids, {}, strat
+    if not getattr(strat, "base_cache", True):  # aux-only: its cache is another model's
+        if isinstance(prompt_cache, PrefixCache):
+            return None, ids, {"cached_tokens": 0}, strat
+        raise EdgeprefillError(f"{strat.name} prefills and decodes with its own model, so a "
+                               "prompt-cache file of the base does not apply: drop it")
     if isinstance(prompt_cache, PrefixCache):
         # an exact strategy reuses only exact caches: its answer must not depend on what came
         # before it

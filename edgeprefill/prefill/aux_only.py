@@ -16,6 +16,8 @@ class AuxOnly:
         chunk_size: tokens per forward call.
     """
 
+    base_cache = False  # its cache is the aux model's: prompt caches of the base do not apply
+
     name = "aux-only"
 
     def __init__(self, model, aux, chunk_size=None):

@@ -243,6 +243,32 @@ def test_a_reused_prefix_never_writes_into_the_entry_it_came_from(tiny_models):
     assert edgeprefill.generate(lm, prompt, max_tokens=6, prompt_cache=pc) == cold
 
 
+def test_aux_only_keeps_out_of_the_base_models_prompt_caches(tiny_models, tmp_path):
+    """aux-only's cache is the aux model's: storing it once made the next request crash."""
+    import edgeprefill
+    from edgeprefill.cache import PrefixCache, save_cache
+    from edgeprefill.kvp.pairs import build_predictor
+    from edgeprefill.prefill.aux_only import AuxOnly
+
+    lm = edgeprefill.load(str(tiny_models["llama"]))
+    mx.random.seed(0)
+    aux, _ = build_predictor(lm.model, "T-0.50", "hidden")
+    aux_only = AuxOnly(lm.model, aux)
+    pc = PrefixCache()
+    prompt = "The river Danube flows through ten countries. " * 4
+    edgeprefill.generate(lm, prompt + "Which?", strategy=aux_only, max_tokens=3, prompt_cache=pc)
+    assert len(pc) == 0
+    edgeprefill.generate(lm, prompt + "How?", max_tokens=3, prompt_cache=pc)  # full: stored
+    for r in edgeprefill.stream_generate(lm, prompt + "Why?", strategy=aux_only, max_tokens=3,
+                                         prompt_cache=pc):
+        pass
+    assert r.stats["cached_tokens"] == 0 and r.strategy == "aux-only" and len(pc) == 1
+    full = FullPrefill(lm.model).prefill(DOC)[0]
+    save_cache(tmp_path / "c.safetensors", lm, full, DOC)
+    with pytest.raises(EdgeprefillError, match="its own model"):
+        edgeprefill.generate(lm, DOC + [5], strategy=aux_only, prompt_cache=tmp_path / "c.safetensors")
+
+
 def test_stop_sequences_hold_back_partial_matches_and_cut_the_text():
     from edgeprefill.errors import EdgeprefillError
     from edgeprefill.generate import StopScanner, check_stop
