@@ -256,3 +256,20 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_a_taken_port_is_one_line(tiny_model
                         "bogus"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         r.stderr.strip().splitlines()[-1]] and "unknown strategy 'bogus'" in r.stderr
+
+
+def test_serve_bench_measures_cold_warm_and_load_and_checks_every_answer(tiny_models, env,
+                                                                         tmp_path):
+    out = tmp_path / "serve.json"
+    r = subprocess.run([*CLI, "serve-bench", "--model", str(tiny_models["llama"]),
+                        "--strategies", "full,lazy", "--prompt-tokens", "200",
+                        "--question-tokens", "16", "--load-tokens", "200", "--requests", "12",
+                        "--clients", "4", "--rounds", "2", "--json", str(out)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    full, lazy = d["ttft"]
+    assert full["warm"]["cached_tokens"] > 150 and full["warm"]["exact"] is True
+    assert lazy["cold"]["prefilled_with"] == "lazy" and lazy["warm"]["cached_tokens"] == 0
+    assert [x["errors"] + x["mismatches"] for x in d["load"]["rounds"]] == [0, 0]
+    assert d["server_exit"] == 0 and d["load"]["rss_growth"] is not None
