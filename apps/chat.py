@@ -36,8 +36,11 @@ def add_parser(sub):
     p.add_argument("--temp", type=non_negative_float, default=0.0)
     p.add_argument("--top-p", type=fraction, default=1.0)
     p.add_argument("--seed", type=non_negative, default=None)
-    p.add_argument("--prompt", default=None,
-                   help="one turn, non-interactive ('-' reads stdin); piped stdin works too")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="a turn, non-interactive ('-' reads stdin; repeat it for several turns "
+                   "of one conversation); piped stdin works too")
+    p.add_argument("--stats-json", default=None, metavar="FILE",
+                   help="with --prompt: write each turn's TTFT and prefill figures as JSON")
     p.add_argument("--heal", action="store_true",
                    help="after each approximate turn (kvp), compute the exact cache in the "
                    "background and swap it in at the next turn when ready")
@@ -199,11 +202,13 @@ def run(args):
     validate_sampling(args)
     console = Console(stderr=True, soft_wrap=True)
     one_shot = args.prompt is not None or not sys.stdin.isatty()
-    text = None
+    texts = None
     if one_shot:
-        text = read_prompt(args.prompt if args.prompt is not None else "-")
-        if not text.strip():
+        texts = [read_prompt(p) for p in (args.prompt or ["-"])]
+        if not all(t.strip() for t in texts):
             raise EdgeprefillError("the prompt is empty: pass --prompt TEXT or pipe text in")
+    elif args.stats_json:
+        raise EdgeprefillError("--stats-json records the turns of --prompt: pass them with it")
     if not one_shot:
         # Ctrl-C stops a reply: restore Python's handler even if whatever started us ignored
         # SIGINT (a child inherits that, and Python then leaves Ctrl-C ignored)
@@ -215,7 +220,7 @@ def run(args):
     if args.prompt_cache:
         start_from_cache(session, args.prompt_cache, console)
     try:
-        return interact(session, console, text if one_shot else None)
+        return interact(session, console, texts)
     finally:
         session.conv.close()
 
@@ -241,11 +246,18 @@ def start_from_cache(session, path, console):
                   highlight=False)
 
 
-def interact(session, console, one_shot_text=None):
-    """The read-eval loop (or a single turn)."""
+def interact(session, console, turns=None):
+    """The read-eval loop, or the given turns one after another."""
     lm = session.lm
-    if one_shot_text is not None:
-        session.turn(one_shot_text)
+    if turns is not None:
+        stats = []
+        for text in turns:
+            result = session.turn(text)
+            stats.append(result.stats() if result else None)
+        if session.args.stats_json:
+            from edgeprefill.apps.shared import write_json
+
+            write_json(session.args.stats_json, {"model": lm.model_id, "turns": stats})
         return 0
     try:
         import readline  # noqa: F401  (line editing and history for input())

@@ -1,4 +1,5 @@
 """The chat app driven through a pseudo-terminal (pexpect), and its one-shot modes."""
+import json
 import re
 import subprocess
 
@@ -109,6 +110,20 @@ def test_one_shot_prompt_and_piped_stdin(tiny_models, cli_env):
     r = subprocess.run([*CLI, "chat", "--model", model],
                        input="", env=cli_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "prompt is empty" in r.stderr
+
+
+def test_scripted_turns_reuse_the_conversation_and_write_their_stats(tiny_models, cli_env,
+                                                                     tmp_path):
+    out = tmp_path / "turns.json"
+    r = subprocess.run([*CLI, "chat", "--model", str(tiny_models["llama"]), "--max-tokens", "4",
+                        "--prompt", "The river Danube flows through ten countries. Which river?",
+                        "--prompt", "How many?", "--stats-json", str(out)], env=cli_env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    first, second = json.loads(out.read_text())["turns"]
+    # the second turn prefills only its own tokens over the first turn's cache
+    assert second["context_tokens"] > first["context_tokens"] > second["prompt_tokens"]
+    assert r.stderr.count("TTFT") == 2
 
 
 def test_runahead_chat_two_turns_match_full(chat):
