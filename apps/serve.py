@@ -1,5 +1,6 @@
 """`edgeprefill serve`: an OpenAI-compatible local server on one model."""
 
+import os
 import signal
 import sys
 
@@ -71,4 +72,9 @@ def run(args):
         engine.close()
         sock.close()
     print("edgeprefill serve: stopped", file=sys.stderr)
-    return 0
+    # Everything is closed. Leave without the interpreter's teardown: once the engine thread
+    # has used MLX, its native threads can still be joinable then, and C++ aborts the process
+    # ("terminate called without an active exception") after a clean stop.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
