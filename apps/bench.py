@@ -37,7 +37,7 @@ def add_parser(sub):
                    "(default: T-0.50 of the base, random predictor)")
     p.add_argument("--task", default=None,
                    help="add task accuracy: niah-single, niah-multikey, niah-multivalue, "
-                   "vartrack, code-line (greedy answers beside full's on the same rows)")
+                   "vartrack[-K], code-line (greedy answers beside full's on the same rows)")
     p.add_argument("--task-rows", type=positive, default=8, help="--task: rows per length")
     p.add_argument("--haystack", default="prose", choices=["filler", "prose", "code"],
                    help="--task: the text the needles hide in")
@@ -62,6 +62,10 @@ def run(args):
     strategies = parse_list(args.strategies, str, "--strategies")
     for s in strategies:
         parse(s)  # an unknown name fails before the model loads
+    if args.task:
+        from edgeprefill.tasks import check_task
+
+        check_task(args.task)
     if args.aux_shape and not args.shape:
         raise EdgeprefillError("--aux-shape goes with --shape (random-weight models)")
     lm = load_bench_model(args.model, args.shape, args.dtype)

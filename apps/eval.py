@@ -21,7 +21,8 @@ def add_parser(sub):
                    help="length of the base's greedy continuation to match")
     p.add_argument("--task", default=None,
                    help="a long-prompt task instead of the pairs: niah-single, niah-multikey, "
-                   "niah-multivalue, vartrack, code-line (greedy answers, exact match)")
+                   "niah-multivalue, vartrack (or vartrack-K, K names in the chain), code-line "
+                   "(greedy answers, exact match)")
     p.add_argument("--prompt-tokens", default="1024,2048", help="--task: prompt lengths")
     p.add_argument("--rows", type=positive, default=50, help="--task: rows per length")
     p.add_argument("--haystack", default="prose", choices=["filler", "prose", "code"],
@@ -121,10 +122,12 @@ def run_task(args, names):
     from edgeprefill.loading import load
     from edgeprefill.machine import machine_info, now
     from edgeprefill.prefill.registry import parse
-    from edgeprefill.tasks import evaluate_task, make_rows, read_task_rows
+    from edgeprefill.tasks import check_task, evaluate_task, make_rows, read_task_rows
 
     for n in names:
         parse(n)
+    if args.task:
+        check_task(args.task)
     rows_from_file = read_task_rows(args.data) if args.data else None
     lengths = [] if rows_from_file else parse_list(args.prompt_tokens, int, "--prompt-tokens")
     lm = load(args.model, dtype=args.dtype)
@@ -152,14 +155,18 @@ def run_task(args, names):
         return 0
     table = Table(title=f"{payload['task']} ({args.haystack}), {lm.model_id}: greedy answers, "
                         "exact match")
-    for col in ("strategy", "prompt", "rows", "accuracy", "95% CI", "x full", "TTFT ms"):
+    similar = any("similarity" in r["summary"] for r in records)
+    for col in ("strategy", "prompt", "rows", "accuracy", "95% CI", "x full",
+                *(("similarity", "x full") if similar else ()), "TTFT ms"):
         table.add_column(col, justify="right")
     for r in records:
         s = r["summary"]
-        rel = s.get("relative_accuracy")
+        rel, rel_sim = s.get("relative_accuracy"), s.get("relative_similarity")
         table.add_row(r["strategy"], str(r["set"]), str(s["rows"]), f"{s['accuracy']:.2f}",
                       "{:.2f}-{:.2f}".format(*s["accuracy_ci95"]),
-                      "-" if rel is None else f"{rel:.2f}", f"{s['ttft_s'] * 1e3:.0f}")
+                      "-" if rel is None else f"{rel:.2f}",
+                      *((f"{s['similarity']:.3f}", "-" if rel_sim is None else f"{rel_sim:.2f}")
+                        if similar else ()), f"{s['ttft_s'] * 1e3:.0f}")
     out = Console()
     (out if out.is_terminal else Console(width=160)).print(table)
     return 0

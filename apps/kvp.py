@@ -1,4 +1,5 @@
-"""`edgeprefill kvp fit|sweep`: KV Prediction artifacts for a model, and the Pareto sweep."""
+"""`edgeprefill kvp fit|sweep|diagnose`: KV Prediction artifacts for a model, the Pareto
+sweep, and where a pair loses a long-prompt task's answer."""
 
 import sys
 from pathlib import Path
@@ -53,6 +54,24 @@ def add_parser(sub):
     s.add_argument("--plot", default="kvp-sweep.png", metavar="FILE.png")
     s.add_argument("--dir", default=None, help="where fitted artifacts go (default: cache)")
     s.set_defaults(run=run_sweep)
+
+    d = ksub.add_parser("diagnose", help="where kvp loses a long-prompt task's answer: "
+                        "accuracy with parts of the predicted KV made exact")
+    add_model_args(d)
+    d.add_argument("--kvp", default=None, help="the pair folder (default: the model's)")
+    d.add_argument("--kvp-tail", type=positive, default=None,
+                   help="tokens the base runs itself (default: the pair's card)")
+    d.add_argument("--task", default="niah-single",
+                   help="a needle task: niah-single, niah-multikey, niah-multivalue, "
+                   "vartrack[-K]")
+    d.add_argument("--prompt-tokens", type=positive, default=2048, help="prompt length")
+    d.add_argument("--rows", type=positive, default=50, help="rows")
+    d.add_argument("--haystack", default="prose", choices=["filler", "prose", "code"])
+    d.add_argument("--seed", type=non_negative, default=0, help="which rows")
+    d.add_argument("--groups", type=positive, default=3,
+                   help="the predicted layers are made exact in this many depth groups")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.set_defaults(run=run_diagnose)
 
     from edgeprefill.apps.kvp_train import add_train_parser
 
@@ -175,4 +194,61 @@ def run_sweep(args):
 
         pareto_plot(records, args.plot, f"{lm.model_id}: quality vs TTFT FLOPs")
         print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def run_diagnose(args):
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeprefill.apps.shared import command_line, with_bar
+    from edgeprefill.kvp.diagnose import diagnose_rows
+    from edgeprefill.loading import load
+    from edgeprefill.machine import machine_info, now
+    from edgeprefill.prefill.registry import build
+    from edgeprefill.tasks import check_task, make_rows, run_rows, summarize_rows
+
+    check_task(args.task)
+    if args.task == "code-line":
+        raise EdgeprefillError("kvp diagnose needs a needle task (niah-*, vartrack*): "
+                               "code-line has no needle to repair")
+    lm = load(args.model, dtype=args.dtype)
+    if args.prompt_tokens + 64 >= lm.model.max_context:
+        raise EdgeprefillError(f"--prompt-tokens {args.prompt_tokens} does not fit the "
+                               f"model's context ({lm.model.max_context}): use shorter prompts")
+    console = Console(stderr=True)
+    rows = make_rows(lm.tokenizer, args.task, args.prompt_tokens, args.rows, args.haystack,
+                     args.seed)
+    kvp = build("kvp", lm, kvp=args.kvp, kvp_tail=args.kvp_tail,
+                say=lambda m: console.print(m))
+    full = with_bar(console, "full", lambda p: run_rows(lm, build("full", lm), rows,
+                                                        progress=p))
+    out = with_bar(console, "diagnosing", lambda p: diagnose_rows(lm, kvp, rows, args.groups,
+                                                                  progress=p))
+    records = [{"variant": "full", "summary": summarize_rows(full, full), "rows": full}]
+    records += [{"variant": k, "summary": summarize_rows(v, full), "rows": v}
+                for k, v in out["variants"].items()]
+    payload = {"command": command_line(), "date": now(), "machine": machine_info(),
+               "model": lm.model_id, "task": args.task, "haystack": args.haystack,
+               "prompt_tokens": args.prompt_tokens, "seed": args.seed, "tail": kvp.tail,
+               "aux": kvp.aux.kind, "needle_tokens": out["needle_tokens"], "records": records}
+    if args.json:
+        print(json.dumps(payload, indent=2))
+        return 0
+    table = Table(title=f"kvp diagnosis: {args.task} ({args.haystack}), {args.prompt_tokens} "
+                        f"tokens, {len(rows)} rows, {lm.model_id}",
+                  caption="each row: kvp with that part of the cache exact (the base's own "
+                          "K/V), the rest predicted")
+    for col in ("exact part", "accuracy", "95% CI", "x full"):
+        table.add_column(col, justify="right")
+    for r in records:
+        s = r["summary"]
+        rel = s.get("relative_accuracy")
+        table.add_row(r["variant"], f"{s['accuracy']:.2f}",
+                      "{:.2f}-{:.2f}".format(*s["accuracy_ci95"]),
+                      "-" if rel is None else f"{rel:.2f}")
+    out_console = Console()
+    (out_console if out_console.is_terminal else Console(width=160)).print(table)
     return 0

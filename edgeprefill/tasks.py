@@ -8,6 +8,9 @@ Tasks (RULER-style, Hsieh et al. 2024, plus a code task):
     niah-multivalue  four values for one key; asked for all of them.
     vartrack         a chain of assignments VAR X1 = 12345 ... VAR X5 = VAR X4 spread in the
                      haystack; asked which variables hold 12345.
+    vartrack-K       the same with K names in the chain (K = 1..5; vartrack is vartrack-5).
+                     vartrack-1 is one assignment, asked which variable holds the value: the
+                     one tracking the default 135M model can do (it scores 0 from K = 2).
     code-line        a long prefix of a standard-library module; complete the next line.
 Haystacks (`haystack=`): filler (one repeated paragraph), prose (held-out language-reference
 text), code (held-out standard-library source). Prompt lengths are measured in the model's own
@@ -24,7 +27,8 @@ import re
 
 from edgeprefill.errors import EdgeprefillError
 
-TASKS = ("niah-single", "niah-multikey", "niah-multivalue", "vartrack", "code-line")
+TASKS = ("niah-single", "niah-multikey", "niah-multivalue", "vartrack", "vartrack-1", "code-line")
+VARTRACK_MAX = 5
 HAYSTACKS = ("filler", "prose", "code")
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
           "again. ")
@@ -33,7 +37,23 @@ WORDS = ("amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor
          "saffron", "tundra", "umber", "velvet", "willow", "xenon", "yarrow", "zephyr")
 TOLERANCE = 0.02  # a row's prompt is within 2% of the asked length, in the model's tokens
 ANSWER_TOKENS = {"niah-single": 16, "niah-multikey": 16, "niah-multivalue": 48,
-                 "vartrack": 32, "code-line": 32}
+                 "vartrack": 32, "vartrack-1": 16, "code-line": 32}
+
+
+def check_task(task):
+    """Refuse a task name that is not in TASKS or a vartrack-K with K in 1..VARTRACK_MAX."""
+    m = re.fullmatch(r"vartrack-(\d+)", task or "")
+    if task in TASKS or (m and 1 <= int(m.group(1)) <= VARTRACK_MAX):
+        return task
+    raise EdgeprefillError(f"unknown task '{task}': choose one of {', '.join(TASKS)} "
+                           f"(or vartrack-K, K = 1..{VARTRACK_MAX})")
+
+
+def answer_tokens(task):
+    """Greedy tokens generated for a row of `task`: room for its whole answer span."""
+    if task in ANSWER_TOKENS:
+        return ANSWER_TOKENS[task]
+    return ANSWER_TOKENS["vartrack"] if (task or "").startswith("vartrack-") else 32
 
 
 def _haystack_text(kind):
@@ -86,13 +106,20 @@ def _needles(task, rng):
         return ([f"One of the special magic numbers for {k} is: {v}." for v in vals],
                 f"What are all the special magic numbers for {k} mentioned in the text above?",
                 vals, f"The special magic numbers for {k} mentioned in the text above are")
-    if task == "vartrack":
+    if task.startswith("vartrack"):
         v = str(rng.randrange(10_000, 100_000))
-        names = [f"{rng.choice('ABCDEFGHJKMNPQRSTUVWXYZ')}{rng.choice('ABCDEFGHJKMNPQRSTUVWXYZ')}"
-                 f"{rng.randrange(10, 100)}" for _ in range(5)]
-        names = list(dict.fromkeys(names))
+        count = int(task.split("-")[1]) if "-" in task else VARTRACK_MAX
+        names = []
+        while len(names) < count:  # distinct names, drawn in order
+            name = (f"{rng.choice('ABCDEFGHJKMNPQRSTUVWXYZ')}"
+                    f"{rng.choice('ABCDEFGHJKMNPQRSTUVWXYZ')}{rng.randrange(10, 100)}")
+            if name not in names:
+                names.append(name)
         chain = [f"VAR {names[0]} = {v}."] + [f"VAR {b} = VAR {a}." for a, b in
                                             zip(names, names[1:])]
+        if count == 1:
+            return (chain, f"Which variable is assigned the value {v} in the text above?",
+                    names, f"The variable assigned the value {v} in the text above is VAR")
         return (chain, f"Which variables are assigned the value {v}, directly or through "
                 "other variables, in the text above?", names,
                 f"According to the chain of variable assignments in the text above, "
@@ -180,8 +207,7 @@ def make_rows(tokenizer, task, n_tokens, count, haystack="prose", seed=0):
     The same (task, length, haystack, seed) gives the same rows. code-line's haystack is the
     code itself.
     """
-    if task not in TASKS:
-        raise EdgeprefillError(f"unknown task '{task}': choose one of {', '.join(TASKS)}")
+    check_task(task)
     rng = random.Random(f"{task}/{n_tokens}/{haystack}/{seed}")
     rows = []
     if task == "code-line":
@@ -232,7 +258,7 @@ def run_rows(lm, strategy, rows, max_tokens=None, progress=None, kv_bits=None):
     out = []
     for row in rows:
         ids = row_ids(lm.tokenizer, row)
-        n = max_tokens or ANSWER_TOKENS.get(row.get("task"), 32)
+        n = max_tokens or answer_tokens(row.get("task"))
         r = generate(lm.model, lm.tokenizer, ids, strategy, max_tokens=n, temp=0.0,
                      kv_bits=kv_bits)
         out.append({"id": row.get("id", len(out)), "prompt_tokens": len(ids),
@@ -244,7 +270,7 @@ def run_rows(lm, strategy, rows, max_tokens=None, progress=None, kv_bits=None):
 
 def summarize_rows(results, reference=None):
     """Accuracy with its 95% Wilson interval (and mean edit similarity where scored); with
-    `reference` (full's results on the same rows), accuracy relative to it."""
+    `reference` (full's results on the same rows), accuracy (and similarity) relative to it."""
     hits = sum(r["match"] for r in results)
     n = len(results)
     s = {"rows": n, "accuracy": hits / n if n else None, "accuracy_ci95": wilson(hits, n),
@@ -255,6 +281,9 @@ def summarize_rows(results, reference=None):
         ref = sum(r["match"] for r in reference)
         s["accuracy_full"] = ref / len(reference) if reference else None
         s["relative_accuracy"] = hits / ref if ref else None
+        if "similarity" in s and reference and "similarity" in reference[0]:
+            ref_sim = sum(r["similarity"] for r in reference) / len(reference)
+            s["relative_similarity"] = s["similarity"] / ref_sim if ref_sim else None
     return s
 
 

@@ -159,6 +159,14 @@ class KVPrediction:
         mx.eval(logits, [c.keys_and_values() for c in cache.aux + list(cache)])
         return logits
 
+    def predicted_cache(self, ids, room=0):
+        """A fresh base cache holding the pair's predicted K/V for `ids` (an mx int32 array),
+        with `room` free slots for the tokens the base will add: the prefill's first part,
+        without the base step (edgeprefill.kvp.diagnose compares it with the exact cache)."""
+        cache = self.make_cache()
+        self._run_aux(ids, cache, predict_from=0, room=room)
+        return cache
+
     def base_step(self, ids, cache):
         """The base over `ids` (the prompt's last `tail` tokens) after the predicted cache:
         the first output token's (V,) float32 logits; the base cache is extended in place."""

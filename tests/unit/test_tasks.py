@@ -43,6 +43,16 @@ def test_vartrack_chains_its_names_in_order_and_code_line_is_the_next_line(tok):
         assert r["prompt"].count(f"VAR {names[0]} = {value}.") == 1
         pos = [r["prompt"].index(f"VAR {b} = VAR {a}.") for a, b in zip(names, names[1:])]
         assert pos == sorted(pos) and r["prompt"].index(value) < pos[0]
+    for r in make_rows(tok, "vartrack-1", 800, 3, haystack="prose"):
+        (name,) = r["answers"]
+        value = r["answer_prefix"].split("value ")[1].split(" ")[0]
+        assert r["prompt"].count(f"VAR {name} = {value}.") == 1 and "VAR" not in r[
+            "prompt"].replace(f"VAR {name} = {value}.", "")
+        assert r["answer_prefix"].endswith("is VAR")
+    assert [len(r["answers"]) for r in make_rows(tok, "vartrack-3", 800, 2)] == [3, 3]
+    for bad in ("vartrack-0", "vartrack-6", "vartrack-x", "needle"):
+        with pytest.raises(EdgeprefillError, match="unknown task"):
+            make_rows(tok, bad, 800, 1)
     for r in make_rows(tok, "code-line", 800, 3):
         assert not r["chat"] and r["prompt"].endswith("\n") and r["line"].strip() == r[
             "answers"][0]

@@ -1,0 +1,64 @@
+"""kvp diagnose: its unrepaired hybrid is kvp itself, its fully repaired one is the exact
+prefill, the needle finder points at the needle's tokens, and bad input gets one line."""
+import subprocess
+
+import pytest
+
+from edgeprefill.kvp.diagnose import diagnose_rows, layer_parts, needle_positions
+from edgeprefill.loading import load
+from edgeprefill.prefill import FullPrefill
+from edgeprefill.prefill.kv_prediction import KVPrediction
+from edgeprefill.tasks import make_rows, row_ids, run_rows
+
+from tests.conftest import CLI
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models):
+    import mlx.core as mx
+
+    from edgeprefill.kvp.pairs import build_predictor
+
+    lm = load(str(tiny_models["llama"]))
+    mx.random.seed(0)
+    aux, pred = build_predictor(lm.model, "T-0.50", "hidden")
+    return lm, KVPrediction(lm.model, aux, pred, tail=3)
+
+
+def test_needle_positions_cover_the_needle_sentence(setup):
+    lm, _ = setup
+    for task in ("niah-single", "niah-multikey", "vartrack-1", "vartrack"):
+        for row in make_rows(lm.tokenizer, task, 400, 2, haystack="filler"):
+            ids = row_ids(lm.tokenizer, row)
+            spots = needle_positions(lm.tokenizer, ids)
+            text = lm.tokenizer.decode([ids[i] for i in spots])
+            for answer in row["answers"]:
+                assert answer in text, (task, answer)
+            rest = lm.tokenizer.decode([t for i, t in enumerate(ids) if i not in set(spots)])
+            assert not any(a in rest for a in row["answers"])
+            assert "The grass is green" not in text  # the needles, not the haystack
+    assert needle_positions(lm.tokenizer, lm.tokenizer.encode("no needle here")) == []
+
+
+def test_unrepaired_is_kvp_and_fully_repaired_is_the_exact_prefill(setup):
+    lm, kvp = setup
+    rows = make_rows(lm.tokenizer, "niah-multikey", 500, 3, haystack="filler")
+    out = diagnose_rows(lm, kvp, rows, groups=2)
+    v = out["variants"]
+    assert [r["output"] for r in v["kvp"]] == [r["output"] for r in run_rows(lm, kvp, rows)]
+    full = run_rows(lm, FullPrefill(lm.model), rows)
+    assert [r["output"] for r in v["exact"]] == [r["output"] for r in full]
+    parts = layer_parts(kvp, 2)
+    assert [p[0] for p in parts] == [k for k in v if k.startswith("layers")]
+    covered = sorted(i for _, ls in parts for i in ls)
+    assert covered == list(range(lm.model.n_layers))
+    assert all(n > 0 for n in out["needle_tokens"])
+    assert {"needle tokens", "all but needle tokens"} <= set(v)
+
+
+def test_diagnose_refuses_a_task_without_needles(tiny_models, cli_env):
+    for task, msg in (("code-line", "needs a needle task"), ("warp", "unknown task 'warp'")):
+        r = subprocess.run([*CLI, "kvp", "diagnose", "--model", str(tiny_models["llama"]),
+                            "--task", task], capture_output=True, text=True, env=cli_env)
+        assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
