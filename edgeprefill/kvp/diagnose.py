@@ -113,10 +113,9 @@ def diagnose_rows(lm, strategy, rows, groups=3, progress=None):
         edgeprefill.tasks.run_rows gives them. Labels: "kvp" (nothing repaired), one per layer
         part, "needle tokens", "all but needle tokens", "exact" (every position repaired).
     """
-    from edgeprefill.generate import generate
     from edgeprefill.prefill.base import PrefillStats
     from edgeprefill.prefill.full import FullPrefill, as_token_array
-    from edgeprefill.tasks import answer_tokens, row_ids, score_output
+    from edgeprefill.tasks import answer_row, row_ids
 
     if not hasattr(strategy, "predictor"):
         raise EdgeprefillError("diagnosis needs the kvp strategy (a KV Prediction pair)")
@@ -144,11 +143,8 @@ def diagnose_rows(lm, strategy, rows, groups=3, progress=None):
             logits = strategy.base_step(arr[m:], cache)
             cache.tokens.extend(ids)
             stats = PrefillStats(label, len(ids), cache[0].offset, time.perf_counter() - start)
-            r = generate(lm.model, lm.tokenizer, ids, _Prepared(cache, logits, stats),
-                         max_tokens=answer_tokens(row.get("task")), temp=0.0)
-            variants[label].append({"id": row.get("id", done), "prompt_tokens": len(ids),
-                                    "output": r.text, "ttft_s": r.ttft_s,
-                                    **score_output(row, r.text)})
+            r = answer_row(lm, _Prepared(cache, logits, stats), row, ids=ids)
+            variants[label].append({**r, "id": row.get("id", done)})
         if progress:
             progress(done + 1, len(rows))
     return {"variants": variants, "needle_tokens": needles}

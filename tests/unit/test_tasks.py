@@ -88,3 +88,19 @@ def test_bad_task_names_and_user_rows_get_one_line_errors(tok, tmp_path):
     f.write_text(json.dumps({"prompt": "no answer"}))
     with pytest.raises(EdgeprefillError, match=r'rows.jsonl:1 needs a non-empty "prompt" and'):
         read_task_rows(f)
+
+
+def test_decoding_stops_only_where_more_text_cannot_change_the_score():
+    from edgeprefill.tasks import answered
+
+    rows = [{"task": "niah-multivalue", "answers": ["1234567", "7654321"]},
+            {"task": "code-line", "answers": ["x = f(1)"], "line": "    x = f(1)"}]
+    texts = ["", " 1234567", " 1234567, 7654321", " 1234567, 7654321.\n", "\n", "\n\n    x = f",
+             "\n\n    x = f(1)", "\n\n    x = f(1)\n", "x = f(2)\ny"]
+    for row in rows:
+        for t in texts:
+            if answered(row, t):
+                for more in ("", " 1234567", "\nx = f(1)", "zz\n"):
+                    assert score_output(row, t + more) == score_output(row, t), (row, t, more)
+    assert answered(rows[0], texts[2]) and not answered(rows[0], texts[1])
+    assert answered(rows[1], texts[7]) and not answered(rows[1], texts[6])
