@@ -183,8 +183,17 @@ def _retrieval_row(tokenizer, task, n_tokens, pieces, rng, index):
 
 def _code_row(tokenizer, n_tokens, code_lines, rng, index):
     """A prefix of the code that ends before a line worth completing (a non-trivial one)."""
+    need, total, first = 6 * n_tokens, 0, len(code_lines)  # chars of code before the line
+    for i, line in enumerate(code_lines):
+        total += len(line) + 1
+        if total >= need:
+            first = i + 1
+            break
+    if first >= len(code_lines):
+        raise EdgeprefillError(f"code-line: the code cannot make a {n_tokens}-token prompt: "
+                               "pick a shorter length")
     for _ in range(1000):
-        end = rng.randrange(50, len(code_lines))
+        end = rng.randrange(max(50, first), len(code_lines))
         line = code_lines[end]
         if len(line.strip()) >= 12 and not line.strip().startswith("#"):
             break
