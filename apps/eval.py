@@ -28,6 +28,10 @@ def add_parser(sub):
     p.add_argument("--haystack", default="prose", choices=["filler", "prose", "code"],
                    help="--task: the text the needles hide in")
     p.add_argument("--seed", type=non_negative, default=0, help="--task: which rows")
+    p.add_argument("--followup", action="store_true",
+                   help="--task niah-multikey: score a second question about another key, asked "
+                   "in a next turn over each strategy's first-turn cache, unhealed and healed "
+                   "(recomputed exactly), against full")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], default=None,
                    help="--task: the strategies decode over a 4- or 8-bit cache (full, the "
                    "reference, over the exact one)")
@@ -122,12 +126,18 @@ def run_task(args, names):
     from edgeprefill.loading import load
     from edgeprefill.machine import machine_info, now
     from edgeprefill.prefill.registry import parse
-    from edgeprefill.tasks import check_task, evaluate_task, make_rows, read_task_rows
+    from edgeprefill.tasks import (check_task, evaluate_followup, evaluate_task, make_rows,
+                                   read_task_rows)
 
     for n in names:
         parse(n)
     if args.task:
         check_task(args.task)
+    if args.followup and args.task != "niah-multikey":
+        raise EdgeprefillError("--followup needs --task niah-multikey (its rows carry a second "
+                               "question)")
+    if args.followup and args.kv_bits:
+        raise EdgeprefillError("--followup and --kv-bits measure different things: pass one")
     rows_from_file = read_task_rows(args.data) if args.data else None
     lengths = [] if rows_from_file else parse_list(args.prompt_tokens, int, "--prompt-tokens")
     lm = load(args.model, dtype=args.dtype)
@@ -141,20 +151,26 @@ def run_task(args, names):
              for n in lengths})
     built = {n: build_strategy(args, lm, n, console) for n in names}
     try:
-        records = with_bar(console, "answering", lambda progress: evaluate_task(
-            lm, built, sets, progress, kv_bits=args.kv_bits))
+        if args.followup:
+            records = with_bar(console, "answering", lambda progress: evaluate_followup(
+                lm, built, sets, progress))
+        else:
+            records = with_bar(console, "answering", lambda progress: evaluate_task(
+                lm, built, sets, progress, kv_bits=args.kv_bits))
     finally:
         for s in built.values():
             if hasattr(s, "close"):
                 s.close()
     payload = {"command": command_line(), "date": now(), "machine": machine_info(),
                "model": lm.model_id, "task": args.task or "data", "haystack": args.haystack,
-               "seed": args.seed, "kv_bits": args.kv_bits, "records": records}
+               "seed": args.seed, "kv_bits": args.kv_bits, "followup": args.followup,
+               "records": records}
     if args.json:
         print(json.dumps(payload, indent=2))
         return 0
     table = Table(title=f"{payload['task']} ({args.haystack}), {lm.model_id}: greedy answers, "
-                        "exact match")
+                        "exact match" + (" (the follow-up question, a next turn)"
+                                         if args.followup else ""))
     similar = any("similarity" in r["summary"] for r in records)
     for col in ("strategy", "prompt", "rows", "accuracy", "95% CI", "x full",
                 *(("similarity", "x full") if similar else ()), "TTFT ms"):
@@ -162,7 +178,8 @@ def run_task(args, names):
     for r in records:
         s = r["summary"]
         rel, rel_sim = s.get("relative_accuracy"), s.get("relative_similarity")
-        table.add_row(r["strategy"], str(r["set"]), str(s["rows"]), f"{s['accuracy']:.2f}",
+        name = r["strategy"] + (", healed" if r.get("healed") else "")
+        table.add_row(name, str(r["set"]), str(s["rows"]), f"{s['accuracy']:.2f}",
                       "{:.2f}-{:.2f}".format(*s["accuracy_ci95"]),
                       "-" if rel is None else f"{rel:.2f}",
                       *((f"{s['similarity']:.3f}", "-" if rel_sim is None else f"{rel_sim:.2f}")

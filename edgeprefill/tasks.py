@@ -85,9 +85,19 @@ def _key(rng, used):
             return k
 
 
+def _multikey_followup(key, value):
+    """A second question of a niah-multikey row, about another of its keys (a next turn)."""
+    return {"question": f"And what is the special magic number for {key} mentioned in the "
+                        "text above?",
+            "answers": [value],
+            "answer_prefix": f"The special magic number for {key} mentioned in the text above is"}
+
+
 def _needles(task, rng):
-    """(needle sentences, question, answers, answer prefix) of one row. The answer prefix
-    starts the model's reply (as RULER does), so the first generated tokens are the answer."""
+    """(needle sentences, question, answers, answer prefix[, follow-up]) of one row. The answer
+    prefix starts the model's reply (as RULER does), so the first generated tokens are the
+    answer. niah-multikey adds a follow-up question about another key (no random draw: the
+    rows stay those of earlier versions)."""
     used = set()
     if task == "niah-single":
         k, v = _key(rng, used), _number(rng)
@@ -96,10 +106,12 @@ def _needles(task, rng):
                 f"The special magic number for {k} mentioned in the text above is")
     if task == "niah-multikey":
         pairs = [(_key(rng, used), _number(rng)) for _ in range(4)]
-        k, v = pairs[rng.randrange(4)]
+        asked = rng.randrange(4)
+        k, v = pairs[asked]
         return ([f"One of the special magic numbers for {a} is: {b}." for a, b in pairs],
                 f"What is the special magic number for {k} mentioned in the text above?", [v],
-                f"The special magic number for {k} mentioned in the text above is")
+                f"The special magic number for {k} mentioned in the text above is",
+                _multikey_followup(*pairs[(asked + 1) % 4]))
     if task == "niah-multivalue":
         k = _key(rng, used)
         vals = [_number(rng) for _ in range(4)]
@@ -156,7 +168,7 @@ def _fit(tokenizer, make, n_pieces, n_tokens):
 
 
 def _retrieval_row(tokenizer, task, n_tokens, pieces, rng, index):
-    needles, question, answers, prefix = _needles(task, rng)
+    needles, question, answers, prefix, *followup = _needles(task, rng)
     start = rng.randrange(len(pieces))
     depths = sorted(rng.random() for _ in needles)  # in order: vartrack's chain reads forward
     words, bounds = [], [0]  # the haystack's words; where each of its pieces starts
@@ -177,8 +189,11 @@ def _retrieval_row(tokenizer, task, n_tokens, pieces, rng, index):
         return _render(tokenizer, text, True, prefix), text
 
     ids, text = _fit(tokenizer, make, len(words), n_tokens)
-    return {"task": task, "id": index, "prompt": text, "answers": answers, "chat": True,
-            "answer_prefix": prefix, "prompt_tokens": len(ids)}
+    row = {"task": task, "id": index, "prompt": text, "answers": answers, "chat": True,
+           "answer_prefix": prefix, "prompt_tokens": len(ids)}
+    if followup:
+        row["followup"] = followup[0]
+    return row
 
 
 def _code_row(tokenizer, n_tokens, code_lines, rng, index):
@@ -266,17 +281,18 @@ def answered(row, text):
     return all(a in text for a in row["answers"])
 
 
-def answer_row(lm, strategy, row, max_tokens=None, kv_bits=None, ids=None):
+def answer_row(lm, strategy, row, max_tokens=None, kv_bits=None, ids=None, cache=None):
     """One row's greedy answer: {"id", "prompt_tokens", "output", "ttft_s", "match", ...}.
     Decoding stops at the task's answer length or as soon as the row is `answered` (the same
-    score as decoding on, in fewer tokens)."""
+    score as decoding on, in fewer tokens). ids, cache: the tokens to prefill over a cache of
+    earlier ones (default: the row's prompt, from scratch)."""
     from edgeprefill.generate import stream_generate
 
     ids = ids or row_ids(lm.tokenizer, row)
     n = max_tokens or answer_tokens(row.get("task"))
     text, ttft = "", None
-    for event in stream_generate(lm.model, lm.tokenizer, ids, strategy, max_tokens=n, temp=0.0,
-                                 kv_bits=kv_bits):
+    for event in stream_generate(lm.model, lm.tokenizer, ids, strategy, cache=cache,
+                                 max_tokens=n, temp=0.0, kv_bits=kv_bits):
         text += event.text
         ttft = event.prefill.ttft_s
         if event.result is not None or answered(row, text):
@@ -295,6 +311,80 @@ def run_rows(lm, strategy, rows, max_tokens=None, progress=None, kv_bits=None):
         if progress:
             progress(len(out), len(rows))
     return out
+
+
+class CannotHeal(EdgeprefillError):
+    """A strategy's cache has no K/V per prompt token (lazy, selection): it cannot heal."""
+
+
+def followup_ids(tokenizer, row):
+    """(first, second): the row's first-turn prompt ids (its question and answer prefix), and
+    the conversation's ids at the follow-up: the first turn, the right answer as the
+    assistant's reply (the same history for every strategy), the follow-up question and its
+    answer prefix."""
+    from edgeprefill.generate import build_prompt
+
+    f = row["followup"]
+    reply = f"{row['answer_prefix']} {', '.join(row['answers'])}."
+    history = [{"role": "user", "content": row["prompt"]},
+               {"role": "assistant", "content": reply}]
+    second = build_prompt(tokenizer, f["question"], history=history)
+    second += list(tokenizer.encode(f["answer_prefix"], add_special_tokens=False))
+    return row_ids(tokenizer, row), second
+
+
+def run_followup(lm, strategy, rows, heal=False, progress=None):
+    """The follow-up question's greedy answers in a two-turn conversation: `strategy`
+    prefills the first turn (the document and its question), then, after `heal` (the first
+    turn's cache recomputed exactly, edgeprefill.cache.heal) or not, the rest of the
+    conversation over that cache. Scored as answer_row; ttft_s is the follow-up's."""
+    from edgeprefill.cache import common_prefix, heal as heal_cache
+
+    out = []
+    for row in rows:
+        if "followup" not in row:
+            raise EdgeprefillError(f"{row.get('task')} rows have no follow-up question: use "
+                                   "niah-multikey")
+        first, second = followup_ids(lm.tokenizer, row)
+        n = min(common_prefix(first, second), len(second) - 1)
+        cache, _, _ = strategy.prefill(second[:n])
+        if heal:
+            if hasattr(cache, "next_pos"):
+                raise CannotHeal("its cache skips prompt positions")
+            cache = heal_cache(lm, cache)
+        r = answer_row(lm, strategy, {"task": row["task"], **row["followup"]},
+                       ids=second[n:], cache=cache)
+        out.append({**r, "id": row.get("id", len(out)), "prompt_tokens": len(second),
+                    "first_turn_tokens": n})
+        if progress:
+            progress(len(out), len(rows))
+    return out
+
+
+def evaluate_followup(lm, strategies, row_sets, progress=None):
+    """Healing's effect on a next turn: for every row set, the follow-up's accuracy after each
+    strategy's first turn, unhealed and (where its cache can heal) healed, relative to full's
+    (full prefills both turns). Records as evaluate_task's, with "healed" (bool)."""
+    from edgeprefill.prefill.registry import build, is_exact
+
+    if "full" not in strategies:
+        strategies = {"full": build("full", lm), **strategies}
+    records = []
+    for label, rows in row_sets.items():
+        full = run_followup(lm, strategies["full"], rows, progress=progress)
+        records.append({"strategy": "full", "set": label, "healed": False,
+                        "summary": summarize_rows(full, full), "rows": full})
+        for name, strategy in strategies.items():
+            if name == "full":
+                continue
+            for heal in (False, True) if not is_exact(name) else (False,):
+                try:
+                    res = run_followup(lm, strategy, rows, heal=heal, progress=progress)
+                except CannotHeal:
+                    continue  # lazy and selection caches skip positions: nothing to heal
+                records.append({"strategy": name, "set": label, "healed": heal,
+                                "summary": summarize_rows(res, full), "rows": res})
+    return records
 
 
 def summarize_rows(results, reference=None):

@@ -62,3 +62,37 @@ def test_diagnose_refuses_a_task_without_needles(tiny_models, cli_env):
                             "--task", task], capture_output=True, text=True, env=cli_env)
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_healed_first_turn_answers_the_follow_up_as_full_does(setup):
+    from edgeprefill.kvp.diagnose import _Prepared  # noqa: F401  (module imports cleanly)
+    from edgeprefill.tasks import followup_ids, run_followup
+
+    lm, _ = setup
+    rows = make_rows(lm.tokenizer, "niah-multikey", 340, 3, haystack="filler")
+    for row in rows:
+        first, second = followup_ids(lm.tokenizer, row)
+        assert row["followup"]["answers"][0] in row["prompt"]
+        assert row["followup"]["answers"] != row["answers"]
+        assert second[:len(first) - 3] == first[:len(first) - 3] and len(second) > len(first)
+    # the follow-up's new tokens fit the exact tail: after healing, kvp's second turn is exact
+    kvp = KVPrediction(setup[1].model, setup[1].aux, setup[1].predictor, tail=160)
+    full = run_followup(lm, FullPrefill(lm.model), rows)
+    healed = run_followup(lm, kvp, rows, heal=True)
+    assert [r["output"] for r in healed] == [r["output"] for r in full]
+    assert all(r["first_turn_tokens"] > 300 for r in full)
+    assert all(r["prompt_tokens"] - r["first_turn_tokens"] < 160 for r in full)
+
+
+def test_followup_refuses_rows_without_a_second_question(setup, tiny_models, cli_env):
+    from edgeprefill.errors import EdgeprefillError
+    from edgeprefill.tasks import run_followup
+
+    lm, _ = setup
+    rows = make_rows(lm.tokenizer, "niah-single", 500, 1, haystack="filler")
+    with pytest.raises(EdgeprefillError, match="use niah-multikey"):
+        run_followup(lm, FullPrefill(lm.model), rows)
+    r = subprocess.run([*CLI, "eval", "--model", str(tiny_models["llama"]), "--task",
+                        "niah-single", "--followup"], capture_output=True, text=True, env=cli_env)
+    assert r.returncode != 0 and "--followup needs --task niah-multikey" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
