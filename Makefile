@@ -103,7 +103,7 @@ export: $(FULL)
 # Long-prompt task accuracy, the published grid (issue 27): every task at 1k-8k tokens (8000:
 # the default model's window is 8192, answers included), n rows each, the default pair and
 # LazyLLM at three schedules beside full. One JSON per task in $(RESULTS) (written, then moved).
-TASKS ?= niah-single niah-multikey niah-multivalue vartrack code-line
+TASKS ?= niah-single niah-multikey niah-multivalue vartrack-1 code-line
 TASK_LENGTHS ?= 1024,2048,4096,8000
 TASK_ROWS ?= 50
 TASK_STRATEGIES ?= full,kvp,aux-only,lazy,lazy-aggressive,lazy-0.4:0.3:0.2
