@@ -70,6 +70,10 @@ def add_parser(sub):
     d.add_argument("--seed", type=non_negative, default=0, help="which rows")
     d.add_argument("--groups", type=positive, default=3,
                    help="the predicted layers are made exact in this many depth groups")
+    d.add_argument("--parts", default="layers,needles",
+                   help="which parts to make exact beside the controls: layers (the aux-copied "
+                   "layers and the predicted ones in --groups), needles (the needle's tokens, "
+                   "and every token but them)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.set_defaults(run=run_diagnose)
 
@@ -210,7 +214,14 @@ def run_diagnose(args):
     from edgeprefill.prefill.registry import build
     from edgeprefill.tasks import check_task, make_rows, run_rows, summarize_rows
 
+    from edgeprefill.apps.shared import parse_list
+    from edgeprefill.kvp.diagnose import PARTS
+
     check_task(args.task)
+    parts = parse_list(args.parts, str, "--parts")
+    if not parts or set(parts) - set(PARTS):
+        raise EdgeprefillError(f"--parts takes {', '.join(PARTS)}, comma-separated "
+                               f"(got '{args.parts}')")
     if args.task == "code-line":
         raise EdgeprefillError("kvp diagnose needs a needle task (niah-*, vartrack*): "
                                "code-line has no needle to repair")
@@ -226,7 +237,7 @@ def run_diagnose(args):
     full = with_bar(console, "full", lambda p: run_rows(lm, build("full", lm), rows,
                                                         progress=p))
     out = with_bar(console, "diagnosing", lambda p: diagnose_rows(lm, kvp, rows, args.groups,
-                                                                  progress=p))
+                                                                  parts, progress=p))
     records = [{"variant": "full", "summary": summarize_rows(full, full), "rows": full}]
     records += [{"variant": k, "summary": summarize_rows(v, full), "rows": v}
                 for k, v in out["variants"].items()]

@@ -88,18 +88,22 @@ def _hybrid(strategy, exact, predicted, m, layers=(), tokens=None, invert=False)
     for i in range(len(cache)):
         ke, ve = _layer_kv(exact, i, m)
         kp, vp = _layer_kv(predicted, i, m)
-        if (i in layers) != invert:
+        if invert:  # the chosen part predicted, the rest exact
+            ke, ve, kp, vp = kp, vp, ke, ve
+        if i in layers:
             k, v = ke, ve
         elif mask is not None:
-            k = mx.where(mask, ke, kp) if not invert else mx.where(mask, kp, ke)
-            v = mx.where(mask, ve, vp) if not invert else mx.where(mask, vp, ve)
+            k, v = mx.where(mask, ke, kp), mx.where(mask, ve, vp)
         else:
             k, v = kp, vp
         write_fresh(cache[i], k, v, strategy.tail + 64)
     return cache
 
 
-def diagnose_rows(lm, strategy, rows, groups=3, progress=None):
+PARTS = ("layers", "needles")
+
+
+def diagnose_rows(lm, strategy, rows, groups=3, parts=PARTS, progress=None):
     """Greedy answers of each hybrid on `rows`.
 
     Args:
@@ -107,6 +111,8 @@ def diagnose_rows(lm, strategy, rows, groups=3, progress=None):
         strategy: a built `kvp` strategy (its pair and exact tail).
         rows: task rows (edgeprefill.tasks.make_rows).
         groups: predicted layers are repaired in this many depth groups.
+        parts: which hybrids beside the two controls (kvp, exact): "layers" (the layer
+            groups), "needles" (the needle's tokens, and every token but them).
         progress: callable(done, total).
     Returns:
         {"variants": {label: [row results]}, "needle_tokens": [per row]}: row results as
@@ -119,9 +125,14 @@ def diagnose_rows(lm, strategy, rows, groups=3, progress=None):
 
     if not hasattr(strategy, "predictor"):
         raise EdgeprefillError("diagnosis needs the kvp strategy (a KV Prediction pair)")
-    parts = layer_parts(strategy, groups)
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise EdgeprefillError(f"--parts takes {', '.join(PARTS)} (got {', '.join(parts)})")
+    needles_too = "needles" in parts
+    parts = layer_parts(strategy, groups) if "layers" in parts else []
     full = FullPrefill(lm.model, chunk_size=strategy.chunk_size)
-    labels = ["kvp", *(p[0] for p in parts), "needle tokens", "all but needle tokens", "exact"]
+    labels = ["kvp", *(p[0] for p in parts),
+              *(("needle tokens", "all but needle tokens") if needles_too else ()), "exact"]
     variants = {k: [] for k in labels}
     needles = []
     for done, row in enumerate(rows):
@@ -134,8 +145,9 @@ def diagnose_rows(lm, strategy, rows, groups=3, progress=None):
         spots = [t for t in needle_positions(lm.tokenizer, ids) if t < m]
         needles.append(len(spots))
         plans = {"kvp": {}, **{label: {"layers": ls} for label, ls in parts},
-                 "needle tokens": {"tokens": spots},
-                 "all but needle tokens": {"tokens": spots, "invert": True},
+                 **({"needle tokens": {"tokens": spots},
+                     "all but needle tokens": {"tokens": spots, "invert": True}}
+                    if needles_too else {}),
                  "exact": {"layers": range(lm.model.n_layers)}}
         for label, how in plans.items():
             start = time.perf_counter()

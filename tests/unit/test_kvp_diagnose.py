@@ -96,3 +96,45 @@ def test_followup_refuses_rows_without_a_second_question(setup, tiny_models, cli
                         "niah-single", "--followup"], capture_output=True, text=True, env=cli_env)
     assert r.returncode != 0 and "--followup needs --task niah-multikey" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_hybrids_take_each_part_from_the_cache_they_name(setup):
+    import mlx.core as mx
+    import numpy as np
+
+    from edgeprefill.kvp.diagnose import _hybrid
+    from edgeprefill.prefill.full import as_token_array
+
+    lm, kvp = setup
+    ids = as_token_array(list(range(5, 45)))
+    exact = FullPrefill(lm.model).prefill(ids)[0]
+    predicted = kvp.predicted_cache(ids)
+    n, m, spots = lm.model.n_layers, 40, [3, 4, 20]
+
+    def same(a, b):
+        return np.allclose(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)))
+
+    cases = [({}, lambda i, t: False), ({"layers": [0]}, lambda i, t: i == 0),
+             ({"tokens": spots}, lambda i, t: t in spots),
+             ({"tokens": spots, "invert": True}, lambda i, t: t not in spots),
+             ({"layers": range(n)}, lambda i, t: True)]
+    for how, is_exact in cases:
+        h = _hybrid(kvp, exact, predicted, m, **how)
+        for i in range(n):
+            for t in (0, 3, 20, 39):
+                src = exact if is_exact(i, t) else predicted
+                for a, b in ((h[i].keys, src[i].keys), (h[i].values, src[i].values)):
+                    assert same(a[:, :, t], b[:, :, t]), (how, i, t)
+    for i in kvp.predictor.predicted:  # the test means something: the two caches differ there
+        assert not same(exact[i].keys[:, :, :m], predicted[i].keys[:, :, :m])
+
+
+def test_parts_choose_the_hybrids(setup, tiny_models, cli_env):
+    lm, kvp = setup
+    rows = make_rows(lm.tokenizer, "niah-single", 300, 1, haystack="filler")
+    out = diagnose_rows(lm, kvp, rows, parts=("needles",))
+    assert list(out["variants"]) == ["kvp", "needle tokens", "all but needle tokens", "exact"]
+    r = subprocess.run([*CLI, "kvp", "diagnose", "--model", str(tiny_models["llama"]),
+                        "--parts", "layers,heads"], capture_output=True, text=True, env=cli_env)
+    assert r.returncode != 0 and "--parts takes layers, needles" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
