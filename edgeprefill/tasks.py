@@ -314,7 +314,8 @@ def run_rows(lm, strategy, rows, max_tokens=None, progress=None, kv_bits=None):
 
 
 class CannotHeal(EdgeprefillError):
-    """A strategy's cache has no K/V per prompt token (lazy, selection): it cannot heal."""
+    """A strategy's cache has no base K/V per prompt token (lazy and selection skip tokens,
+    aux-only's is the aux's): it cannot heal."""
 
 
 def followup_ids(tokenizer, row):
@@ -349,8 +350,8 @@ def run_followup(lm, strategy, rows, heal=False, progress=None):
         n = min(common_prefix(first, second), len(second) - 1)
         cache, _, _ = strategy.prefill(second[:n])
         if heal:
-            if hasattr(cache, "next_pos"):
-                raise CannotHeal("its cache skips prompt positions")
+            if hasattr(cache, "next_pos") or getattr(strategy, "base_cache", True) is False:
+                raise CannotHeal("its cache skips prompt positions, or is not the base's")
             cache = heal_cache(lm, cache)
         r = answer_row(lm, strategy, {"task": row["task"], **row["followup"]},
                        ids=second[n:], cache=cache)

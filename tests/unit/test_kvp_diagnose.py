@@ -138,3 +138,15 @@ def test_parts_choose_the_hybrids(setup, tiny_models, cli_env):
                         "--parts", "layers,heads"], capture_output=True, text=True, env=cli_env)
     assert r.returncode != 0 and "--parts takes layers, needles" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_followup_heals_only_caches_that_can_heal(setup):
+    from edgeprefill.prefill.registry import build
+    from edgeprefill.tasks import evaluate_followup
+
+    lm, kvp = setup
+    rows = make_rows(lm.tokenizer, "niah-multikey", 340, 1, haystack="filler")
+    recs = evaluate_followup(lm, {"kvp": kvp, "lazy": build("lazy", lm)}, {340: rows})
+    assert [(r["strategy"], r["healed"]) for r in recs] == [
+        ("full", False), ("kvp", False), ("kvp", True), ("lazy", False)]
+    assert all(r["summary"]["rows"] == 1 for r in recs)
