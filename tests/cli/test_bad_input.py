@@ -139,6 +139,13 @@ def test_failed_save_keeps_the_chat_going(chat, tmp_path):
     assert len(meta["messages"]) == 2
 
 
+def _as_from_a_terminal():
+    """In the child, before exec: Ctrl-C's signal at its default, as a shell in a terminal
+    starts a command. A runner started in the background (`cmd &` in a script) ignores SIGINT,
+    every process it starts inherits that, and a Ctrl-C test would then wait forever."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_workers_end_however_their_parent_ends(tiny_models, cli_env, tmp_path, sig):
@@ -147,7 +154,7 @@ def test_workers_end_however_their_parent_ends(tiny_models, cli_env, tmp_path, s
     env = dict(cli_env, EDGEPREFILL_TEST_HANG_RANK="0")  # rank 0 never answers
     parent = subprocess.Popen([sys.executable, "-c", LAUNCH, str(tiny_models["llama"]),
                                str(jobs), str(tmp_path / "out.json")], env=env,
-                              stderr=subprocess.PIPE)
+                              stderr=subprocess.PIPE, preexec_fn=_as_from_a_terminal)
     deadline = time.monotonic() + 60
     while len(kids := _children(parent.pid)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -234,7 +241,8 @@ def test_ctrl_c_during_runahead_generate_ends_the_workers(tiny_models, cli_env):
                              str(tiny_models["llama"]), "--strategy", "runahead", "--workers",
                              "2", "--prompt", "hello", "--max-tokens", "5"],
                             env=dict(cli_env, EDGEPREFILL_TEST_HANG_RANK="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=_as_from_a_terminal)
     deadline = time.monotonic() + 60
     while len(kids := _children(proc.pid)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
