@@ -317,11 +317,20 @@ class PrefixCache:
         return True
 
 
+class CannotHeal(EdgeprefillError):
+    """A cache with no K/V per prompt token (lazy and selection skip tokens): it cannot
+    heal."""
+
+
 def heal(lm, cache, chunk_size=None):
     """The exact K/V of the tokens an approximate cache holds (a full prefill of
     cache.tokens): a PromptCache that replaces it, keeping its aux cache (kvp's next turn
-    continues from there). Only caches with one K/V per token (kvp's, a file's) heal."""
-    _base_layers(cache)  # refuses lazy and selection caches, which skip positions
+    continues from there). Only caches with one K/V per token (kvp's, a file's) heal; a lazy
+    or selection cache raises CannotHeal."""
+    if hasattr(cache, "next_pos"):
+        raise CannotHeal("this cache skips prompt positions (lazy, gemfilter, specprefill keep "
+                         "only some tokens): it cannot be healed")
+    _base_layers(cache)
     if not cache.tokens or len(cache.tokens) != cache[0].offset:
         raise EdgeprefillError("this cache has no token list to recompute: it cannot be healed")
     healed = _heal_tokens(lm, list(cache.tokens), chunk_size)

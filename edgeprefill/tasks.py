@@ -313,11 +313,6 @@ def run_rows(lm, strategy, rows, max_tokens=None, progress=None, kv_bits=None):
     return out
 
 
-class CannotHeal(EdgeprefillError):
-    """A strategy's cache has no base K/V per prompt token (lazy and selection skip tokens,
-    aux-only's is the aux's): it cannot heal."""
-
-
 def followup_ids(tokenizer, row):
     """(first, second): the row's first-turn prompt ids (its question and answer prefix), and
     the conversation's ids at the follow-up: the first turn, the right answer as the
@@ -339,7 +334,7 @@ def run_followup(lm, strategy, rows, heal=False, progress=None):
     prefills the first turn (the document and its question), then, after `heal` (the first
     turn's cache recomputed exactly, edgeprefill.cache.heal) or not, the rest of the
     conversation over that cache. Scored as answer_row; ttft_s is the follow-up's."""
-    from edgeprefill.cache import common_prefix, heal as heal_cache
+    from edgeprefill.cache import CannotHeal, common_prefix, heal as heal_cache
 
     out = []
     for row in rows:
@@ -350,8 +345,9 @@ def run_followup(lm, strategy, rows, heal=False, progress=None):
         n = min(common_prefix(first, second), len(second) - 1)
         cache, _, _ = strategy.prefill(second[:n])
         if heal:
-            if hasattr(cache, "next_pos") or getattr(strategy, "base_cache", True) is False:
-                raise CannotHeal("its cache skips prompt positions, or is not the base's")
+            if getattr(strategy, "base_cache", True) is False:  # aux-only: the aux's cache
+                raise CannotHeal(f"{getattr(strategy, 'name', 'this')} caches the aux's K/V, "
+                                 "not the base's: nothing to heal")
             cache = heal_cache(lm, cache)
         r = answer_row(lm, strategy, {"task": row["task"], **row["followup"]},
                        ids=second[n:], cache=cache)
@@ -366,6 +362,7 @@ def evaluate_followup(lm, strategies, row_sets, progress=None):
     """Healing's effect on a next turn: for every row set, the follow-up's accuracy after each
     strategy's first turn, unhealed and (where its cache can heal) healed, relative to full's
     (full prefills both turns). Records as evaluate_task's, with "healed" (bool)."""
+    from edgeprefill.cache import CannotHeal
     from edgeprefill.prefill.registry import build, is_exact
 
     if "full" not in strategies:
