@@ -18,11 +18,13 @@ recorded.
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from edgeprefill.errors import EdgeprefillError
 
 META_KEY = "edgeprefill"
+READERS = min(8, os.cpu_count() or 1)  # threads reading a cache file's arrays at once
 
 
 def _hash(obj):
@@ -44,10 +46,15 @@ def model_hash(lm):
     return _hash({k: c.get(k) for k in keys} | {"weights": weights})
 
 
-def tokenizer_hash(tokenizer):
-    """The tokenizer's vocabulary and chat template."""
-    tok = getattr(tokenizer, "_tokenizer", tokenizer)
-    return _hash([sorted(tok.get_vocab().items()), getattr(tok, "chat_template", None)])
+def tokenizer_hash(lm):
+    """The model's tokenizer's vocabulary and chat template, hashed once per loaded model
+    (sorting a 128k-token vocabulary takes a tenth of a second or more: too long to repeat on
+    every cache read or write)."""
+    if "_tokenizer_hash" not in lm.__dict__:
+        tok = getattr(lm.tokenizer, "_tokenizer", lm.tokenizer)
+        lm._tokenizer_hash = _hash([sorted(tok.get_vocab().items()),
+                                    getattr(tok, "chat_template", None)])
+    return lm._tokenizer_hash
 
 
 def common_prefix(a, b):
@@ -139,7 +146,7 @@ def save_cache(path, lm, cache, tokens, strategy="full", exact=True, max_bytes=N
     meta = {"model": str(lm.path),  # what mlx-lm loads for --prompt-cache-file
             "tokenizer_config": json.dumps({}),
             META_KEY: json.dumps({"model_id": lm.model_id, "config_hash": model_hash(lm),
-                                  "tokenizer_hash": tokenizer_hash(lm.tokenizer),
+                                  "tokenizer_hash": tokenizer_hash(lm),
                                   "strategy": strategy, "exact": bool(exact),
                                   "tokens": [int(t) for t in tokens]})}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,6 +172,7 @@ def load_cache(path, lm):
                                "cache-prompt`")
     try:
         layers, meta = load_prompt_cache(str(path), return_metadata=True)
+        _read_in_parallel(path, layers)
     except Exception as e:  # safetensors' and mlx's errors for a damaged or foreign file
         raise EdgeprefillError(f"{path} is not a readable prompt cache ({type(e).__name__}): "
                                "make it again with `edgeprefill cache-prompt`") from None
@@ -177,7 +185,7 @@ def load_cache(path, lm):
         if info.get("config_hash") != model_hash(lm):
             raise EdgeprefillError(f"{path} was made for {info.get('model_id')}, not "
                                    f"{lm.model_id}: make a cache with this model")
-        if info.get("tokenizer_hash") != tokenizer_hash(lm.tokenizer):
+        if info.get("tokenizer_hash") != tokenizer_hash(lm):
             raise EdgeprefillError(f"{path} was made with another tokenizer than "
                                    f"{lm.model_id}'s: make a cache with this model")
     else:
@@ -200,6 +208,38 @@ def load_cache(path, lm):
             raise EdgeprefillError(f"{path}: its token list does not match its K/V: make it again")
         cache.tokens = list(info["tokens"])
     return cache, info
+
+
+def _read_in_parallel(path, layers, readers=None):
+    """Read the K/V of `layers` (as mlx-lm's load_prompt_cache returns them: arrays not read
+    yet) from `path` now, `readers` arrays at a time, each on its own CPU stream: one stream
+    reads one array after another, which leaves a large file's read bound by one thread's
+    copy speed. The arrays are the file's own, so the caches are the same; only the reading
+    is spread."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    states = [c.state for c in layers]
+    named = tree_flatten(states)
+    readers = min(readers or READERS, len(named))
+    if readers > 1 and all(isinstance(a, mx.array) for _, a in named):
+        files = [mx.load(str(path), stream=s) for s in _streams(readers)]
+        named = [(k, files[j % readers][k]) for j, (k, _) in enumerate(named)]
+        for c, state in zip(layers, tree_unflatten(named)):
+            c.state = state
+    mx.eval([c.state for c in layers])
+
+
+_STREAMS = []
+
+
+def _streams(n):
+    """n CPU streams for reading, made once per process (a stream is a thread in MLX)."""
+    import mlx.core as mx
+
+    while len(_STREAMS) < n:
+        _STREAMS.append(mx.new_stream(mx.cpu))
+    return _STREAMS[:n]
 
 
 def reuse(cache, info, prompt_ids):

@@ -196,7 +196,7 @@ class Transformer:
         return apply_rope(attn[0].rope, keys, offset)
 
     def block(self, i, h, cache=None, offset=None, positions=None, prefix_kv=None,
-              replace_kv=None, mask=None, return_attn_row=False, attn_probs=0):
+              replace_kv=None, mask=None, runs=None, return_attn_row=False, attn_probs=0):
         """Run transformer block i.
 
         Args:
@@ -211,6 +211,11 @@ class Transformer:
                 of this layer's own projections (KV Prediction's training path).
             mask: attention mask override ((L, S) bool/additive array or "causal");
                 default: causal over this call's tokens, full over cache and prefix.
+            runs: optional [(lo, hi, end)]: attention in spans instead of one call (for tokens
+                at scattered positions over a cache in position order): queries lo..hi-1 of
+                this call attend causally to keys 0..end-1, the last query to key end-1. Each
+                span is a plain causal attention, which a fused kernel runs; one mask over
+                scattered positions would not be.
             return_attn_row: also return the last query's attention row (LazyLLM).
             attn_probs: also return the per-head attention of the call's last m queries
                 (m = attn_probs; the cache must hold keys in position order).
@@ -240,10 +245,16 @@ class Transformer:
         if prefix_kv is not None:
             keys = mx.concatenate([prefix_kv[0], keys], axis=2)
             values = mx.concatenate([prefix_kv[1], values], axis=2)
-        if mask is None:
-            mask = "causal" if L > 1 else None
-        out = scaled_dot_product_attention(q, keys, values, cache=cache, scale=attn.scale,
-                                           mask=mask)
+        if runs is not None:
+            out = mx.concatenate([scaled_dot_product_attention(
+                q[:, :, lo:hi], keys[:, :, :end], values[:, :, :end], cache=cache,
+                scale=attn.scale, mask="causal" if hi - lo > 1 else None)
+                for lo, hi, end in runs], axis=2)
+        else:
+            if mask is None:
+                mask = "causal" if L > 1 else None
+            out = scaled_dot_product_attention(q, keys, values, cache=cache, scale=attn.scale,
+                                               mask=mask)
         h = h + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         row = last_query_attention(q[:, :, -1:], keys, attn.scale) if return_attn_row else None

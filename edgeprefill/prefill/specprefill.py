@@ -214,33 +214,66 @@ class KVPSpecPrefill(KVPrediction):
         return ops.numpy(score).mean(axis=0)
 
     def _exact(self, ids, kept, m0, cache):
-        """The base over the kept tokens and the tail at their positions, attending to the
-        predicted cache (kept positions masked there: their exact K/V come with the call);
-        the kept tokens' exact K/V then replace the predicted ones, the tail's are appended.
+        """The base over the kept tokens and the tail, at their positions. Per layer, their
+        exact K/V are first written at their positions (replacing the kept tokens' predicted
+        ones; the tail's after the head), then each query attends causally by position over
+        the cache: predicted K/V where nothing was kept, exact ones where something was.
         Returns the last token's (V,) float32 logits."""
         ops, base = self.ops, self.model
         n = ids.shape[0]
         q_idx = np.concatenate([kept, np.arange(m0, n)])
         qpos = ops.ints(q_idx, base)
-        predicted = np.ones(m0, dtype=bool)
-        predicted[kept] = False
-        visible = np.concatenate([(np.arange(m0)[None, :] <= q_idx[:, None]) & predicted[None],
-                                  q_idx[None, :] <= q_idx[:, None]], axis=1)
-        mask = ops.bools(visible, base)
-        kept_at = ops.ints(kept, base)
-        nk = len(kept)
+        runs, mask = position_runs(q_idx), None
+        if len(runs) > MAX_RUNS:  # many short spans: one masked call costs less than them
+            runs, mask = None, ops.bools(np.arange(n)[None, :] <= q_idx[:, None], base)
         h = base.embed(ids[qpos][None])
         for i in range(base.n_layers):
             c = cache[i]
-            prefix = (c.keys[:, :, :m0], c.values[:, :, :m0]) if m0 else None
-            out = base.block(i, h, positions=qpos, prefix_kv=prefix, mask=mask)
-            h = out.h
-            k = base.rotate_keys(i, out.keys, positions=qpos)
-            if nk:
-                ops.assign(c.keys, kept_at, k[:, :, :nk])
-                ops.assign(c.values, kept_at, out.values[:, :, :nk])
-            c.update_and_fetch(k[:, :, nk:], out.values[:, :, nk:])
+            at = AtPositions(c, qpos, n, ops) if m0 else c
+            h = base.block(i, h, cache=at, positions=qpos, runs=runs if m0 else None,
+                           mask=mask if m0 else None).h
+            c.offset = n
             ops.eval(h, c.keys_and_values())
         logits = ops.float32(base.head(h[:, -1:])[0, -1])
         ops.eval(logits)
         return logits
+
+
+MAX_RUNS = 256  # spans of kept positions above which one masked attention call is used
+
+
+def position_runs(positions):
+    """[(lo, hi, end)] of ascending positions: each span of consecutive ones, as indices
+    lo..hi-1 into `positions`, and end = its last position + 1 (the keys it attends to)."""
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    bounds = np.concatenate([[0], breaks, [len(positions)]])
+    return [(int(lo), int(hi), int(positions[hi - 1]) + 1)
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+class AtPositions:
+    """A layer's KV cache as one call over tokens at scattered positions sees it: the call's
+    K/V are written at their positions (not appended), and attention reads positions 0..n-1.
+
+    Args:
+        cache: the layer's KV cache (mlx-lm's or the mirror's), holding the positions before
+            the call's first unwritten one; its buffer grows to n positions if shorter.
+        at: (L,) positions of the call's tokens.
+        n: the positions attention reads.
+        ops: MlxOps or TorchOps.
+    """
+
+    def __init__(self, cache, at, n, ops):
+        self.cache, self.at, self.n, self.ops = cache, at, n, ops
+        self.offset = cache.offset
+        k = cache.keys
+        if k.shape[2] < n:
+            pad = ops.zeros((*k.shape[:2], n - k.shape[2], k.shape[3]), k)
+            cache.keys = ops.cat([k, pad], 2)
+            cache.values = ops.cat([cache.values, pad], 2)
+
+    def update_and_fetch(self, keys, values):
+        c = self.cache
+        self.ops.assign(c.keys, self.at, keys)
+        self.ops.assign(c.values, self.at, values)
+        return c.keys[:, :, :self.n], c.values[:, :, :self.n]

@@ -1,6 +1,8 @@
 """Token selection (gemfilter, specprefill, kvp+specprefill): keeping every token is the exact
 prefill; a selective prefill equals the exact model with the dropped tokens masked out; the
 mirror runs the same selections; bad options get one line."""
+import importlib
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -172,6 +174,47 @@ def test_fused_mode_computes_the_kept_tokens_exactly_over_the_predicted_rest(tin
     # and it decodes: a second turn runs as kvp
     out = generate(m, lm.tokenizer, IDS, fused, max_tokens=4)
     assert len(out.tokens) == 4
+
+
+def _fused_reference(m, kvp, ids, kept, tail):
+    """kvp+specprefill's exact pass written the plain way: one masked attention per layer over
+    [the predicted K/V of the head, the kept and tail tokens' own K/V], the kept positions
+    hidden in the first part."""
+    n = len(ids)
+    m0 = n - tail
+    cache = kvp.predicted_cache(mx.array(ids[:m0], dtype=mx.int32), room=tail)
+    q_idx = np.concatenate([kept, np.arange(m0, n)])
+    predicted = np.ones(m0, dtype=bool)
+    predicted[kept] = False
+    visible = np.concatenate([(np.arange(m0)[None, :] <= q_idx[:, None]) & predicted[None],
+                              q_idx[None, :] <= q_idx[:, None]], axis=1)
+    qpos = mx.array(q_idx.astype(np.int32))
+    h = m.embed(mx.array(np.array(ids)[q_idx][None], dtype=mx.int32))
+    for i in range(m.n_layers):
+        k, v = cache[i].keys_and_values()
+        h = m.block(i, h, positions=qpos, prefix_kv=(k, v), mask=mx.array(visible)).h
+    return m.head(h[:, -1:])[0, -1].astype(mx.float32)
+
+
+@pytest.mark.parametrize("max_runs", [256, 0])
+def test_fused_exact_pass_matches_one_masked_attention(tiny_models, monkeypatch, max_runs):
+    """The fused mode's exact pass (K/V written at their positions, then attention in causal
+    spans, or one masked call past MAX_RUNS spans) gives the plain masked pass's logits."""
+    sp = importlib.import_module("edgeprefill.prefill.specprefill")
+    from edgeprefill.prefill.kv_prediction import KVPrediction
+
+    lm = load(str(tiny_models["llama"]))
+    m = lm.model
+    aux, pred = _tiny_pair(m)
+    kept = np.array([0, 1, 5, 6, 7, 11])  # three spans, then the tail's
+    monkeypatch.setattr(sp, "select", lambda *a, **k: kept)
+    monkeypatch.setattr(sp, "MAX_RUNS", max_runs)
+    fused = KVPSpecPrefill(m, aux, pred, keep=len(kept), select_chunk=1, tail=4)
+    _, logits, _ = fused.prefill(IDS)
+    ref = _fused_reference(m, KVPrediction(m, aux, pred, tail=4), IDS, kept, 4)
+    np.testing.assert_allclose(_np(logits), _np(ref), atol=1e-4)
+    assert sp.position_runs(np.array([0, 1, 5, 6, 7, 11, 16, 17])) == [
+        (0, 2, 2), (2, 5, 8), (5, 6, 12), (6, 8, 18)]
 
 
 @pytest.mark.parametrize("name", ["gemfilter", "specprefill", "kvp+specprefill"])

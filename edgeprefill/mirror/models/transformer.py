@@ -240,7 +240,7 @@ class Transformer(nn.Module):
         return apply_rope(keys, self.inv_freq, pos)
 
     def block(self, i, h, cache=None, offset=None, positions=None, prefix_kv=None,
-              replace_kv=None, mask=None, return_attn_row=False, attn_probs=0):
+              replace_kv=None, mask=None, runs=None, return_attn_row=False, attn_probs=0):
         """Run block i; arguments and result as edgeprefill.models.Transformer.block.
 
         mask: optional (L, S) bool (True = attend) override.
@@ -269,14 +269,22 @@ class Transformer(nn.Module):
         if prefix_kv is not None:
             keys = torch.cat([prefix_kv[0], keys], dim=2)
             values = torch.cat([prefix_kv[1], values], dim=2)
-        S = keys.shape[2]
-        # a whole causal sequence needs no mask tensor: is_causal lets SDPA pick a fused kernel
-        is_causal = mask is None and L > 1 and S == L
-        if mask is None and L > 1 and not is_causal:
-            mask = causal_mask(L, S, h.device)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale,
-                                             is_causal=is_causal,
-                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        gqa = self.n_heads != self.n_kv_heads
+        if runs is not None:
+            out = torch.cat([F.scaled_dot_product_attention(
+                q[:, :, lo:hi], keys[:, :, :end], values[:, :, :end], scale=attn.scale,
+                attn_mask=causal_mask(hi - lo, end, h.device) if hi - lo > 1 else None,
+                enable_gqa=gqa) for lo, hi, end in runs], dim=2)
+        else:
+            S = keys.shape[2]
+            # a whole causal sequence needs no mask tensor: is_causal lets SDPA pick a fused
+            # kernel
+            is_causal = mask is None and L > 1 and S == L
+            if mask is None and L > 1 and not is_causal:
+                mask = causal_mask(L, S, h.device)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 scale=attn.scale, is_causal=is_causal,
+                                                 enable_gqa=gqa)
         h = h + attn.o_proj(out.transpose(1, 2).reshape(B, L, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         row = last_query_attention(q[:, :, -1:], keys, attn.scale) if return_attn_row else None
