@@ -58,7 +58,8 @@ def add_strategy_options(p):
                    "workers over machines")
     p.add_argument("--keep", type=positive_float, default=None, metavar="K",
                    help="gemfilter / specprefill / kvp+specprefill: the prompt tokens the base "
-                   "computes, a fraction in (0, 1] or a count (defaults 0.25 / 0.25 / 0.05)")
+                   "computes, a fraction in (0, 1] or a count (defaults 0.25 / 0.25 / 0.05 of the "
+                   "tokens before the exact tail, at least 160)")
     p.add_argument("--filter-layer", type=non_negative, default=None, metavar="R",
                    help="gemfilter: the layer whose last-token attention selects (default: 0.4 "
                    "of the depth)")

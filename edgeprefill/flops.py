@@ -107,7 +107,8 @@ def specprefill_flops(config, n_tokens, kept, draft_config, draft_layers, lookah
 def kvp_select_flops(config, n_tokens, kept, aux_layers, aux_config=None, tail=1, **pair):
     """kvp+specprefill: kvp (aux over N - tail tokens, predictor, base over the tail), the aux
     over the tail too (it scores the tokens), and the base over the `kept` tokens, whose
-    masked attention is computed densely over every cached and new key."""
+    attention is counted over every key of the prompt (an upper bound: each attends to the
+    keys up to its own position)."""
     h = config["num_attention_heads"]
     hd = config.get("head_dim") or config["hidden_size"] // h
     tail = min(tail, n_tokens)
@@ -115,7 +116,7 @@ def kvp_select_flops(config, n_tokens, kept, aux_layers, aux_config=None, tail=1
     acfg = aux_config or config
     aux_tail = aux_layers * (tail * layer_matmul_flops(acfg) + attention_flops(acfg, tail, m))
     exact = config["num_hidden_layers"] * kept * (layer_matmul_flops(config) + 2 * 2 * h * hd
-                                                  * (m + kept + tail))
+                                                  * (m + tail))
     return kvp_flops(config, n_tokens, aux_layers, aux_config=aux_config, tail=tail,
                      **pair) + aux_tail + exact
 

@@ -274,10 +274,8 @@ def _specprefill_flops(config, n, built):
 
 def _kvp_select_flops(config, n, built):
     from edgeprefill.flops import kvp_select_flops, pair_options
-    from edgeprefill.prefill.selection import keep_count
 
-    m = n - min(built.tail, n)
-    return kvp_select_flops(config, n, keep_count(built.keep, m) if m else 0,
+    return kvp_select_flops(config, n, built.kept_count(n - min(built.tail, n)),
                             **pair_options(built))
 
 

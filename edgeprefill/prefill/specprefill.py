@@ -34,6 +34,10 @@ from edgeprefill.prefill.selection import (FIRST, MlxOps, Selective, check_keep,
 
 DEFAULT_KEEP = 0.25
 FUSED_KEEP = 0.05
+# kvp+specprefill's default keeps at least this many tokens: the chunks its ranking puts first
+# are the chat template's opening and the text just before the tail (attended to by habit,
+# not for content), and a needle sentence can straddle two chunks (docs/selection.md)
+FUSED_MIN_KEEP = 160
 SELECT_CHUNK = 32
 LOOKAHEAD = 8
 
@@ -154,17 +158,19 @@ class KVPSpecPrefill(KVPrediction):
     """kvp whose aux pass also chooses prompt tokens the base computes exactly.
 
     Args: as KVPrediction, plus keep (a fraction of the tokens before the exact tail, or a
-    count) and select_chunk (tokens per selection chunk).
+    count; None: FUSED_KEEP of them, at least FUSED_MIN_KEEP) and select_chunk (tokens per
+    selection chunk).
     """
 
     name = "kvp+specprefill"
     ops = MlxOps
     keep_first = FIRST
 
-    def __init__(self, model, aux, predictor, keep=FUSED_KEEP, select_chunk=SELECT_CHUNK,
+    def __init__(self, model, aux, predictor, keep=None, select_chunk=SELECT_CHUNK,
                  chunk_size=None, tail=1):
         super().__init__(model, aux, predictor, chunk_size=chunk_size, tail=tail, overlap=False)
-        check_keep(keep)
+        if keep is not None:
+            check_keep(keep)
         _check_count("select-chunk", select_chunk, 1)
         self.keep = keep
         self.select_chunk = select_chunk
@@ -185,7 +191,7 @@ class KVPSpecPrefill(KVPrediction):
             self._run_aux(ids[:m0], cache, predict_from=0, room=tail)
         t_aux = time.perf_counter() - start
         kept = np.zeros(0, dtype=np.int64)
-        k = keep_count(self.keep, m0) if m0 else 0
+        k = self.kept_count(m0)
         if k:
             scores = self._tail_scores(ids[m0:], m0, cache.aux)
             kept = select(scores, k, self.select_chunk, last=0, first=self.keep_first)
@@ -198,6 +204,12 @@ class KVPSpecPrefill(KVPrediction):
             self.name, n, cache[0].offset, time.perf_counter() - start,
             {"aux_s": t_aux, "aux_tokens": n, "aux": self.aux.kind, "tail": tail,
              "kept": len(kept), "keep_fraction": len(kept) / max(1, m0)})
+
+    def kept_count(self, m0):
+        """The tokens kept exactly among the m0 before the tail."""
+        if self.keep is None:
+            return min(m0, max(FUSED_MIN_KEEP, keep_count(FUSED_KEEP, m0))) if m0 else 0
+        return keep_count(self.keep, m0) if m0 else 0
 
     def _tail_scores(self, tail_ids, m0, cache):
         """The aux over the tail (its cache then covers the whole prompt): (m0,) host

@@ -271,3 +271,15 @@ def test_registry_options_and_one_line_errors(tiny_models, tmp_path):
     other = random_model_folder(tmp_path / "other", shape={**SHAPES["tiny"], "vocab_size": 512})
     with pytest.raises(EdgeprefillError, match="tokenizer"):
         build("specprefill", lm, draft=str(other))
+
+
+def test_fused_default_keep_is_a_fraction_with_a_floor(tiny_models):
+    from edgeprefill.prefill.specprefill import FUSED_MIN_KEEP
+
+    m = load(str(tiny_models["llama"])).model
+    aux, pred = _tiny_pair(m)
+    fused = KVPSpecPrefill(m, aux, pred, tail=3)
+    assert FUSED_MIN_KEEP == 160
+    assert [fused.kept_count(n) for n in (0, 100, 1000, 8000)] == [0, 100, 160, 400]
+    assert KVPSpecPrefill(m, aux, pred, keep=0.1).kept_count(1000) == 100  # as given
+    assert KVPSpecPrefill(m, aux, pred, keep=20).kept_count(1000) == 20

@@ -6,7 +6,7 @@ import torch
 from edgeprefill.mirror.prefill.full import NoGrad, default_chunk_size
 from edgeprefill.mirror.prefill.kv_prediction import KVPrediction
 from edgeprefill.mirror.prefill.selection import TorchOps
-from edgeprefill.prefill.specprefill import DEFAULT_KEEP, FUSED_KEEP, LOOKAHEAD, SELECT_CHUNK
+from edgeprefill.prefill.specprefill import DEFAULT_KEEP, LOOKAHEAD, SELECT_CHUNK
 from edgeprefill.prefill.specprefill import KVPSpecPrefill as MlxKVPSpecPrefill
 from edgeprefill.prefill.specprefill import SpecPrefill as MlxSpecPrefill
 
@@ -31,7 +31,7 @@ class KVPSpecPrefill(MlxKVPSpecPrefill):
     make_cache = KVPrediction.make_cache
     _run_aux = KVPrediction._run_aux
 
-    def __init__(self, model, aux, predictor, keep=FUSED_KEEP, select_chunk=SELECT_CHUNK,
+    def __init__(self, model, aux, predictor, keep=None, select_chunk=SELECT_CHUNK,
                  chunk_size=None, tail=1):
         super().__init__(model, aux, predictor, keep, select_chunk,
                          chunk_size or default_chunk_size(model), tail)
