@@ -341,9 +341,6 @@ def prefix_records(lm, lengths, prefix_tokens, trials=3, warmup=1, folder=None,
                 t0 = time.perf_counter()
                 cache, info = load_cache(path, lm)
                 cache, rest, _ = reuse(cache, info, ids)
-                import mlx.core as mx
-
-                mx.eval([c.keys for c in cache])
                 t_load = time.perf_counter() - t0
                 _, logits, _ = full.prefill(rest, cache=cache)
                 t_file = time.perf_counter() - t0

@@ -18,13 +18,11 @@ recorded.
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from edgeprefill.errors import EdgeprefillError
 
 META_KEY = "edgeprefill"
-READERS = min(8, os.cpu_count() or 1)  # threads reading a cache file's arrays at once
 
 
 def _hash(obj):
@@ -162,6 +160,7 @@ def load_cache(path, lm):
     mlx-lm {"strategy": "mlx-lm", "exact": True, "tokens": None}. A file that is missing,
     corrupt, or made for another model or tokenizer raises a one-line EdgeprefillError.
     """
+    import mlx.core as mx
     from mlx_lm.models.cache import load_prompt_cache
 
     from edgeprefill.prefill.base import PromptCache
@@ -172,7 +171,7 @@ def load_cache(path, lm):
                                "cache-prompt`")
     try:
         layers, meta = load_prompt_cache(str(path), return_metadata=True)
-        _read_in_parallel(path, layers)
+        mx.eval([c.state for c in layers])  # read all now: the read is the load's time
     except Exception as e:  # safetensors' and mlx's errors for a damaged or foreign file
         raise EdgeprefillError(f"{path} is not a readable prompt cache ({type(e).__name__}): "
                                "make it again with `edgeprefill cache-prompt`") from None
@@ -208,38 +207,6 @@ def load_cache(path, lm):
             raise EdgeprefillError(f"{path}: its token list does not match its K/V: make it again")
         cache.tokens = list(info["tokens"])
     return cache, info
-
-
-def _read_in_parallel(path, layers, readers=None):
-    """Read the K/V of `layers` (as mlx-lm's load_prompt_cache returns them: arrays not read
-    yet) from `path` now, `readers` arrays at a time, each on its own CPU stream: one stream
-    reads one array after another, which leaves a large file's read bound by one thread's
-    copy speed. The arrays are the file's own, so the caches are the same; only the reading
-    is spread."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
-
-    states = [c.state for c in layers]
-    named = tree_flatten(states)
-    readers = min(readers or READERS, len(named))
-    if readers > 1 and all(isinstance(a, mx.array) for _, a in named):
-        files = [mx.load(str(path), stream=s) for s in _streams(readers)]
-        named = [(k, files[j % readers][k]) for j, (k, _) in enumerate(named)]
-        for c, state in zip(layers, tree_unflatten(named)):
-            c.state = state
-    mx.eval([c.state for c in layers])
-
-
-_STREAMS = []
-
-
-def _streams(n):
-    """n CPU streams for reading, made once per process (a stream is a thread in MLX)."""
-    import mlx.core as mx
-
-    while len(_STREAMS) < n:
-        _STREAMS.append(mx.new_stream(mx.cpu))
-    return _STREAMS[:n]
 
 
 def reuse(cache, info, prompt_ids):
