@@ -207,9 +207,11 @@ class KVPSpecPrefill(KVPrediction):
 
     def kept_count(self, m0):
         """The tokens kept exactly among the m0 before the tail."""
+        if not m0:
+            return 0
         if self.keep is None:
-            return min(m0, max(FUSED_MIN_KEEP, keep_count(FUSED_KEEP, m0))) if m0 else 0
-        return keep_count(self.keep, m0) if m0 else 0
+            return min(m0, max(FUSED_MIN_KEEP, keep_count(FUSED_KEEP, m0)))
+        return keep_count(self.keep, m0)
 
     def _tail_scores(self, tail_ids, m0, cache):
         """The aux over the tail (its cache then covers the whole prompt): (m0,) host
@@ -241,9 +243,8 @@ class KVPSpecPrefill(KVPrediction):
         h = base.embed(ids[qpos][None])
         for i in range(base.n_layers):
             c = cache[i]
-            at = AtPositions(c, qpos, n, ops) if m0 else c
-            h = base.block(i, h, cache=at, positions=qpos, runs=runs if m0 else None,
-                           mask=mask if m0 else None).h
+            at = AtPositions(c, qpos, n, ops) if m0 else c  # no head: the tail appends
+            h = base.block(i, h, cache=at, positions=qpos, runs=runs, mask=mask).h
             c.offset = n
             ops.eval(h, c.keys_and_values())
         logits = ops.float32(base.head(h[:, -1:])[0, -1])

@@ -283,3 +283,11 @@ def test_fused_default_keep_is_a_fraction_with_a_floor(tiny_models):
     assert [fused.kept_count(n) for n in (0, 100, 1000, 8000)] == [0, 100, 160, 400]
     assert KVPSpecPrefill(m, aux, pred, keep=0.1).kept_count(1000) == 100  # as given
     assert KVPSpecPrefill(m, aux, pred, keep=20).kept_count(1000) == 20
+
+
+def test_fused_mode_on_a_prompt_shorter_than_its_tail_is_the_exact_prefill(tiny_models):
+    m = load(str(tiny_models["llama"])).model
+    aux, pred = _tiny_pair(m)
+    _, logits, _ = KVPSpecPrefill(m, aux, pred, tail=len(IDS) + 5).prefill(IDS)
+    _, ref, _ = FullPrefill(m).prefill(IDS)
+    np.testing.assert_allclose(_np(logits), _np(ref), atol=1e-4)
