@@ -16,6 +16,7 @@ A later chat turn's new tokens are computed in full over the existing token sets
 """
 
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -87,6 +88,35 @@ def resolve_schedule(spec):
     return Schedule(spec, PAPER_DEPTHS, keep)
 
 
+class HiddenStash(MutableMapping):
+    """{position: (D,) hidden state} of the tokens absent from a segment. A prune stores the
+    (k, D) rows it gathered as one block and indexes into it on lookup, instead of slicing
+    one array per dropped token (tens of thousands of array ops at 32k tokens)."""
+
+    def __init__(self):
+        self._at = {}  # position -> (block, row index; None: the block is the row)
+
+    def put_rows(self, positions, block):
+        """Row r of (k, D) `block` is the hidden state of positions[r]."""
+        self._at.update(zip(positions, ((block, r) for r in range(len(positions)))))
+
+    def __setitem__(self, position, row):
+        self._at[position] = (row, None)
+
+    def __getitem__(self, position):
+        block, r = self._at[position]
+        return block if r is None else block[r]
+
+    def __delitem__(self, position):
+        del self._at[position]
+
+    def __iter__(self):
+        return iter(self._at)
+
+    def __len__(self):
+        return len(self._at)
+
+
 class LazyCache(PromptCache):
     """Per-layer KV caches holding different token sets.
 
@@ -98,7 +128,7 @@ class LazyCache(PromptCache):
     def __init__(self, layers, n_segments):
         super().__init__(layers)
         self.seg_pos = [[] for _ in range(n_segments)]
-        self.aux_hidden = [{} for _ in range(n_segments)]
+        self.aux_hidden = [HiddenStash() for _ in range(n_segments)]
         self.next_pos = 0
 
     trimmable = False  # revived tokens sit mid-cache: a trim cannot undo a decode step
@@ -156,8 +186,9 @@ class LazyPrefill:
                                    return_attn_row=want_row and last)
             outs.append(out.h)
             row = out.attn_row if last else row
-            self.ops.eval(out.h, cache[i].keys_and_values())
-        return self.ops.cat(outs, 1) if len(outs) > 1 else outs[0], row
+        h = self.ops.cat(outs, 1) if len(outs) > 1 else outs[0]
+        self.ops.eval(h, cache[i].keys_and_values())  # one sync per layer, not per chunk
+        return h, row
 
     def prefill(self, prompt_ids, cache=None, progress=None):
         """See edgeprefill.prefill; the first turn prunes, later turns run their new tokens in
@@ -170,7 +201,7 @@ class LazyPrefill:
         cache = cache if cache is not None else self.make_cache()
         p0 = cache.next_pos
         first = p0 == 0
-        pos = ops.ints(range(p0, p0 + n), m)
+        qpos = ops.ints(range(p0, p0 + n), m)  # the present tokens' positions
         h = m.embed(ids[None])
         present = list(range(n))  # indices into this prompt
         kept_per_layer, row, prune_s = [], None, 0.0
@@ -181,18 +212,16 @@ class LazyPrefill:
                 idx = _keep_top(ops, row[0], self.keep[i], len(present) - 1)
                 kept = set(idx)
                 dropped = [j for j in range(len(present)) if j not in kept]
-                stash = cache.aux_hidden[self.segment(i)]
-                if dropped:  # one gather, then a view per token (not a slice of h each)
-                    rows = h[0, ops.ints(dropped, m)]
-                    for r, j in enumerate(dropped):
-                        stash[p0 + present[j]] = rows[r]
+                if dropped:  # one gather; the stash indexes into it
+                    cache.aux_hidden[self.segment(i)].put_rows(
+                        [p0 + present[j] for j in dropped], h[0, ops.ints(dropped, m)])
                 h, present = h[:, ops.ints(idx, m)], [present[j] for j in idx]
+                qpos = ops.ints([p0 + j for j in present], m)
                 prune_s += time.perf_counter() - t_prune
             if i in self.starts:
                 cache.seg_pos[self.segment(i)].extend(p0 + j for j in present)
             want = first and (i + 1) in self.keep
-            h, row = self._layer(i, h, pos[ops.ints(present, m)], cache, want,
-                                 contiguous=self.segment(i) == 0)
+            h, row = self._layer(i, h, qpos, cache, want, contiguous=self.segment(i) == 0)
             kept_per_layer.append(len(present))
             if progress:
                 progress(int(n * (i + 1) / m.n_layers), n)
@@ -214,14 +243,13 @@ class LazyPrefill:
         h = ops.stack([cache.aux_hidden[seg].pop(p) for p in positions])[None]
         qpos = ops.ints(positions, m)
         end = self.starts[seg + 1] if seg + 1 < len(self.starts) else m.n_layers
+        kpos = ops.ints(cache.seg_pos[seg] + positions, m)
+        mask = kpos[None, :] <= qpos[:, None]  # by position: the cache is not in order
         for i in range(self.starts[seg], end):
-            kpos = ops.ints(cache.seg_pos[seg] + positions, m)
-            mask = kpos[None, :] <= qpos[:, None]  # by position: the cache is not in order
             h = m.block(i, h, cache=cache[i], positions=qpos, mask=mask).h
         cache.seg_pos[seg].extend(positions)
         if seg + 1 < len(self.starts):
-            for j, p in enumerate(positions):
-                cache.aux_hidden[seg + 1][p] = h[0, j]
+            cache.aux_hidden[seg + 1].put_rows(positions, h[0])
         ops.eval(h, [cache[i].keys_and_values() for i in range(self.starts[seg], end)])
 
     def forward(self, ids, cache):

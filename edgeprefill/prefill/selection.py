@@ -89,16 +89,24 @@ def select(scores, k, chunk=1, last=1, first=0):
     kept[:first] = True
     head = n - last
     budget = k - last - first
+    if budget <= 0 or head <= first:
+        return np.flatnonzero(kept)
     starts = np.arange(first, head, chunk)
-    means = np.array([scores[s:s + chunk].mean() for s in starts]) if head else np.zeros(0)
-    for c in np.argsort(-means, kind="stable"):
-        if budget <= 0:
-            break
-        span = np.arange(starts[c], min(starts[c] + chunk, head))
-        if len(span) > budget:
-            span = span[np.argsort(-scores[span], kind="stable")[:budget]]
-        kept[span] = True
-        budget -= len(span)
+    ends = np.minimum(starts + chunk, head)
+    upto = np.minimum(starts + chunk, n)  # a chunk's mean reads past the head into the tail
+    total = np.concatenate([[0.0], np.cumsum(scores, dtype=np.float64)])
+    means = (total[upto] - total[starts]) / (upto - starts)
+    order = np.argsort(-means, kind="stable")
+    taken = np.cumsum(ends[order] - starts[order])
+    whole = int(np.searchsorted(taken, budget, side="right"))  # chunks that fit entirely
+    chosen = np.zeros(len(starts), dtype=bool)
+    chosen[order[:whole]] = True
+    kept[first:head] = chosen[np.arange(head - first) // chunk]
+    left = budget - (int(taken[whole - 1]) if whole else 0)
+    if left > 0 and whole < len(order):  # the next chunk in part: its best tokens
+        c = order[whole]
+        span = np.arange(starts[c], ends[c])
+        kept[span[np.argsort(-scores[span], kind="stable")[:left]]] = True
     return np.flatnonzero(kept)
 
 

@@ -36,6 +36,44 @@ def test_select_keeps_the_start_the_end_whole_chunks_and_exactly_k():
     assert select(scores, 99).tolist() == list(range(10))
 
 
+
+def _select_by_loop(scores, k, chunk, last, first):
+    """select() written as the plain loop it replaces: chunks in order of mean score (a
+    chunk's mean over up to `chunk` tokens, past the head if it ends there), whole while they
+    fit, the next one's best tokens to fill the budget."""
+    n = len(scores)
+    if k >= n:
+        return list(range(n))
+    last = min(last, k)
+    first = min(first, k - last, n - last)
+    kept = set(range(n - last, n)) | set(range(first))
+    budget, head = k - len(kept), n - last
+    starts = list(range(first, head, chunk))
+    means = [float(np.mean(scores[s:s + chunk].astype(np.float64))) for s in starts]
+    for c in sorted(range(len(starts)), key=lambda c: -means[c]):  # sorted() is stable
+        span = list(range(starts[c], min(starts[c] + chunk, head)))
+        if budget <= 0:
+            break
+        if len(span) > budget:
+            span = sorted(span, key=lambda j: -scores[j])[:budget]
+        kept.update(span)
+        budget -= len(span)
+    return sorted(kept)
+
+
+def test_select_equals_the_loop_it_vectorizes_with_ties_and_edge_sizes():
+    rng = np.random.default_rng(0)
+    for case in range(1500):
+        n = int(rng.integers(1, 150))
+        scores = rng.random(n).astype(np.float32)
+        if case % 3 == 0:  # many ties: the order among equal chunks must be the same
+            scores = np.round(scores * 3).astype(np.float32)
+        k, chunk = int(rng.integers(1, n + 3)), int(rng.integers(1, 40))
+        last, first = int(rng.integers(0, 40)), int(rng.integers(0, 10))
+        got = select(scores, k, chunk, last, first).tolist()
+        assert got == _select_by_loop(scores, k, chunk, last, first), (n, k, chunk, last, first)
+        assert len(got) == min(k, n)
+
 def test_keep_count_reads_fractions_and_counts():
     assert keep_count(0.25, 100) == 25 and keep_count(1.0, 100) == 100
     assert keep_count(30, 100) == 30 and keep_count(500, 100) == 100
