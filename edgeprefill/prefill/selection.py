@@ -192,7 +192,9 @@ class Selective:
         extra = {}
         if k < n:
             scores = self.scores(ids, extra)
+            t_rank = time.perf_counter()
             kept = self.choose(scores, k)
+            extra["rank_s"] = time.perf_counter() - t_rank  # on the host
         else:
             kept = np.arange(n)
         ops.sync(m)

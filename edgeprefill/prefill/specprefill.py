@@ -125,6 +125,7 @@ class SpecPrefill(Selective):
     def scores(self, ids, extra):
         """The draft's prefill and look-ahead: (n,) host importance of each prompt token."""
         ops, d = self.ops, self.draft
+        t0 = time.perf_counter()
         n = ids.shape[0]
         cache = d.make_cache()
         for s in range(0, n, self.chunk_size):
@@ -138,6 +139,8 @@ class SpecPrefill(Selective):
                     row = pooled(ops, out.attn, n)
                     step = row if step is None else ops.maximum(step, row)
             ops.eval(h, step, [c.keys_and_values() for c in cache])
+        ops.sync(self.model)
+        extra["draft_prefill_s"] = time.perf_counter() - t0
         steps = [step]
         token = ops.argmax(d.head(h[:, -1:])[0])
         for _ in range(self.lookahead):
@@ -150,6 +153,8 @@ class SpecPrefill(Selective):
             token = ops.argmax(d.head(h)[0])
             steps.append(step)
             ops.eval(token, step)
+        ops.sync(self.model)
+        extra["lookahead_s"] = time.perf_counter() - t0 - extra["draft_prefill_s"]
         extra["lookahead"] = self.lookahead
         return ops.numpy(ops.cat(steps, 0)).mean(axis=0)
 
