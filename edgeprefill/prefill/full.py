@@ -3,13 +3,16 @@
 import time
 
 import mlx.core as mx
+import numpy as np
 
 from edgeprefill.prefill.base import PrefillStats, PromptCache, default_chunk_size
 
 
 def as_token_array(prompt_ids):
-    """(N,) int32 mx.array from a list or array of token ids; refuses an empty prompt."""
-    ids = prompt_ids if isinstance(prompt_ids, mx.array) else mx.array(list(prompt_ids))
+    """(N,) int32 mx.array from a list, numpy array or mx.array of token ids (Python or
+    numpy integers); refuses an empty prompt."""
+    ids = prompt_ids if isinstance(prompt_ids, mx.array) else mx.array(
+        np.asarray(list(prompt_ids), dtype=np.int64))
     ids = ids.astype(mx.int32).reshape(-1)
     if ids.shape[0] == 0:
         raise ValueError("prefill needs at least one token")

@@ -26,6 +26,20 @@ def test_keep_ratio_one_reproduces_full_on_prefill_and_decode(tiny_models, famil
     assert stats.extra["token_layers_fraction"] == 1.0
 
 
+def test_pruned_prefill_is_the_same_in_chunks_and_takes_numpy_ids(tiny_models):
+    lm = load(str(tiny_models["llama"]))
+    ids = np.array(lm.tokenizer.encode(PROMPT * 3))  # numpy integers, as users pass them
+    one, a, _ = LazyPrefill(lm.model, "aggressive").prefill(ids)
+    many, b, _ = LazyPrefill(lm.model, "aggressive", chunk_size=4).prefill(list(ids))
+    np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-4, rtol=1e-4)
+    assert one.seg_pos == many.seg_pos
+    for k in range(len(one.aux_hidden)):
+        assert sorted(one.aux_hidden[k]) == sorted(many.aux_hidden[k])
+        for p in one.aux_hidden[k]:
+            np.testing.assert_allclose(np.array(one.aux_hidden[k][p]),
+                                       np.array(many.aux_hidden[k][p]), atol=1e-4)
+
+
 def test_pruning_shrinks_nested_sets_keeps_last_token_and_positions(tiny_models):
     lm = load(str(tiny_models["llama"]))
     m = lm.model
